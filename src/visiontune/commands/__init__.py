@@ -1,0 +1,1 @@
+"""One module per ``visiontune`` sub-command; each exposes ``register(subparsers)``."""

@@ -1,0 +1,43 @@
+"""How images must be prepared for a given set of pretrained weights.
+
+Resolved from the weights' own metadata (torchvision ``weights.transforms()``, timm
+``pretrained_cfg``) by :func:`visiontune.models.resolve_preprocessing`; consumed by the data
+transforms, written into every run folder, and shipped next to exported models.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Evaluation preprocessing: resize the short side to ``resize_size``, centre-crop
+    ``crop_size``, scale to [0, 1], then normalise with ``mean``/``std`` (per RGB channel)."""
+
+    crop_size: int = 224
+    resize_size: int = 256
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    interpolation: str = "bilinear"  # "bilinear" | "bicubic" | "nearest"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "Preprocessing":
+        return cls(
+            crop_size=int(values["crop_size"]),
+            resize_size=int(values["resize_size"]),
+            mean=tuple(float(v) for v in values["mean"]),
+            std=tuple(float(v) for v in values["std"]),
+            interpolation=str(values.get("interpolation", "bilinear")),
+        )
+
+    def with_image_size(self, image_size: int) -> "Preprocessing":
+        """Same normalisation at another crop size, keeping the weights' resize/crop ratio."""
+        ratio = self.resize_size / self.crop_size
+        return Preprocessing(image_size, max(image_size, round(image_size * ratio)), self.mean, self.std, self.interpolation)
