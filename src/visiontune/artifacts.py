@@ -1,0 +1,112 @@
+"""What a run writes when it ends: the best model's validation predictions, report.json, plots,
+and (during training) TensorBoard scalars when the ``tensorboard`` package is installed."""
+
+from __future__ import annotations
+
+import logging
+import platform
+from pathlib import Path
+
+import torch
+
+from visiontune.device import is_main_process
+from visiontune.loops import evaluate
+from visiontune.run import (BEST_WEIGHTS, CONFUSION_FILE, CURVES_FILE, REPORT_FILE, TENSORBOARD_DIR,
+                            write_json, write_metrics_csv, write_val_predictions)
+from visiontune.strategies import describe_groups
+from visiontune.training_setup import TrainingSetup
+
+log = logging.getLogger(__name__)
+
+
+class TensorBoardLog:
+    """Per-epoch scalars under RUN/tensorboard/, or nothing when tensorboard is not installed."""
+
+    def __init__(self, run_dir: Path):
+        self.writer = None
+        if not is_main_process():
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard is optional: pip install visiontune[tensorboard]
+            return
+        self.writer = SummaryWriter(log_dir=str(run_dir / TENSORBOARD_DIR))
+
+    def add_row(self, row: dict) -> None:
+        if self.writer is None:
+            return
+        for key, value in row.items():
+            if isinstance(value, (int, float)) and key != "epoch":
+                self.writer.add_scalar(key.replace("_", "/", 1), value, row["epoch"])
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def load_best_weights(setup: TrainingSetup, run_dir: Path) -> None:
+    from safetensors.torch import load_file
+
+    path = run_dir / BEST_WEIGHTS
+    if path.is_file():
+        setup.model.load_state_dict(load_file(str(path), device=str(setup.device)))
+
+
+def write_final_artifacts(setup: TrainingSetup, state: dict, run_dir: Path) -> dict:
+    """Evaluate the best weights on the validation set and write val_predictions.csv, report.json,
+    metrics.csv, curves.png and confusion.png. Returns the final metrics."""
+    load_best_weights(setup, run_dir)
+    evaluation = evaluate(setup.model, setup.val_loader, setup.device, setup.classes,
+                          precision=setup.precision, keep_predictions=True)
+    if not is_main_process():
+        return evaluation.metrics
+    classes = setup.classes
+    write_val_predictions(run_dir, [
+        {"path": str(sample.path), "label": classes[label], "predicted": classes[predicted],
+         "confidence": f"{confidence:.6f}", "loss": f"{loss:.6f}"}
+        for sample, (label, predicted, confidence, loss) in zip(setup.val_samples, evaluation.predictions)
+    ])
+    write_metrics_csv(run_dir, state["history"])
+    write_json(run_dir / REPORT_FILE, _report(setup, state, evaluation.metrics, evaluation.seconds))
+    _plot(state["history"], evaluation.metrics["confusion"], classes, run_dir)
+    return evaluation.metrics
+
+
+def _report(setup: TrainingSetup, state: dict, metrics: dict, eval_seconds: float) -> dict:
+    epochs = state["history"]
+    return {
+        "model": setup.config.model,
+        "weights": setup.config.weights,
+        "strategy": setup.config.strategy,
+        "classes": setup.classes,
+        "epochs_completed": state["epoch"],
+        "epochs_planned": setup.config.epochs,
+        "stopped_early": bool(state.get("stopped_early", False)),
+        "best_epoch": state["best_epoch"],
+        "best_val_accuracy": state["best_accuracy"],
+        "final": metrics,  # the best weights evaluated once more on the validation set
+        "timings": {
+            "train_and_val_seconds": state["train_seconds"],
+            "final_eval_seconds": eval_seconds,
+            "mean_images_per_s": sum(row["images_per_s"] for row in epochs) / len(epochs) if epochs else 0.0,
+            "per_epoch_seconds": [row["seconds"] for row in epochs],
+        },
+        "data": setup.split_info,
+        "bad_files": [{"path": path, "reason": reason} for path, reason in setup.bad_files],
+        "weights_load_report": setup.load_report,
+        "param_groups": describe_groups(setup.optimizer),
+        "environment": {"device": str(setup.device), "precision": setup.precision.name,
+                        "torch": torch.__version__, "python": platform.python_version(),
+                        "threads": torch.get_num_threads()},
+    }
+
+
+def _plot(history: list[dict], confusion: list[list[int]], classes: list[str], run_dir: Path) -> None:
+    try:
+        from visiontune.plots import plot_confusion, plot_curves
+    except ImportError:
+        log.warning("plots are not available; curves.png and confusion.png were not written")
+        return
+    plot_curves(history, run_dir / CURVES_FILE)
+    plot_confusion(confusion, classes, run_dir / CONFUSION_FILE)

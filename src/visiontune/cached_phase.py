@@ -1,0 +1,137 @@
+"""The training loop's side of the feature cache: which model and loaders an epoch uses.
+
+:func:`visiontune.engine.fit` asks :meth:`PhaseInputs.for_epoch` at every epoch. In a phase where
+only the head trains on a frozen backbone (see :func:`visiontune.feature_cache.plan_feature_cache`)
+the answer is the head module and loaders over cached features (train and val), built once when
+the phase starts; otherwise it is the whole model and the setup's own loaders. The head is the
+model's own module, so the optimizer, the best-weights file and the checkpoint are unchanged, and
+the cached loaders visit the images in the same seeded order as the image loaders.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from visiontune.feature_cache import (
+    CachedFeatures,
+    CachePlan,
+    HeadNotReproducible,
+    build_feature_cache,
+    feature_cache_key,
+    plan_feature_cache,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EpochInputs:
+    """What one epoch trains and evaluates: ``model(batch of train_loader)`` gives logits."""
+
+    model: nn.Module
+    train_loader: DataLoader
+    val_loader: DataLoader
+
+
+class _EpochView(torch.utils.data.Dataset):
+    """The cached view of the current epoch, indexed as the image dataset is (SeededSamples keys)."""
+
+    def __init__(self, cache: CachedFeatures):
+        self.cache, self.epoch = cache, 0
+        self.current = cache.dataset(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.current = epoch, self.cache.dataset(epoch)
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def __getitem__(self, key):
+        index = key[0] if isinstance(key, tuple) else key  # SeededSamples keys are (index, seed)
+        return self.current[index]
+
+
+class PhaseInputs:
+    """Per phase: the plan (logged, and kept for report.json) and the cached loaders if any."""
+
+    def __init__(self, setup):
+        self.setup = setup
+        self.plans: dict[str, dict] = {}  # phase name -> CachePlan.to_dict(), for the report
+        self._phase_index: int | None = None
+        self._cached: EpochInputs | None = None
+        self._train_view: _EpochView | None = None
+
+    def for_epoch(self, phase_index: int, epoch: int) -> EpochInputs:
+        """The model and loaders of ``epoch`` (in phase ``phase_index``), sampler set to the epoch."""
+        if phase_index != self._phase_index:
+            self._phase_index = phase_index
+            self._cached = self._prepare(phase_index)
+        inputs = self._cached or EpochInputs(self.setup.model, self.setup.train_loader, self.setup.val_loader)
+        if self._cached is not None:
+            self._train_view.set_epoch(epoch)
+        inputs.train_loader.sampler.set_epoch(epoch)
+        return inputs
+
+    def _prepare(self, phase_index: int) -> EpochInputs | None:
+        setup, phase = self.setup, self.setup.phases[phase_index]
+        plan = self._plan()
+        if plan.enabled:
+            try:
+                inputs = self._cached_inputs(plan)
+            except HeadNotReproducible as error:
+                plan = CachePlan("off", 0, f"{error}; training through the whole model")
+                inputs = None
+        else:
+            inputs = None
+        log.info("phase %s: feature cache %s (%s)", phase.name, plan.mode, plan.reason)
+        self.plans[phase.name] = plan.to_dict()
+        return inputs
+
+    def _plan(self) -> CachePlan:
+        from visiontune.data import is_deterministic
+
+        setup = self.setup
+        mode = getattr(setup.config, "feature_cache", "auto")
+        if mode == "off":
+            return CachePlan("off", 0, "turned off (feature_cache: off)")
+        image_dataset = setup.train_loader.dataset.dataset  # SeededSamples wraps the image dataset
+        return plan_feature_cache(
+            setup.model,
+            deterministic_transform=is_deterministic(image_dataset.transform),
+            views=getattr(setup.config, "cache_views", 0),
+            batch_mixing=setup.batch_mixer is not None,
+        )
+
+    def _cached_inputs(self, plan: CachePlan) -> EpochInputs:
+        from visiontune.heads import find_head
+
+        setup = self.setup
+        store = getattr(setup.config, "feature_cache", "auto")
+        train_cache = self._cache(setup.train_loader.dataset.dataset, plan.views, store)
+        val_cache = self._cache(setup.val_loader.dataset, 1, store)
+        self._train_view = _EpochView(train_cache)
+        train = setup.train_loader
+        # The image loader's own sampler: the same seeded order; features need no worker processes.
+        train_loader = DataLoader(self._train_view, batch_size=train.batch_size, sampler=train.sampler,
+                                  drop_last=train.drop_last)
+        val_loader = DataLoader(val_cache.dataset(0), batch_size=setup.val_loader.batch_size, shuffle=False)
+        return EpochInputs(find_head(setup.model)[1], train_loader, val_loader)
+
+    def _cache(self, dataset, views: int, store: str) -> CachedFeatures:
+        """Features of ``dataset``; a disk entry is keyed by its files when it reads files."""
+        setup = self.setup
+        samples = getattr(dataset, "samples", None)  # ImageDataset has them; decoded images live in memory
+        key = None
+        if samples is not None:
+            key = feature_cache_key(setup.model, samples, transform_description=repr(dataset.transform),
+                                    views=views, model_name=f"{setup.config.model}|{setup.config.weights}")
+        return build_feature_cache(
+            setup.model, dataset, views=views, batch_size=setup.config.batch_size,
+            num_workers=setup.train_loader.num_workers, device=setup.device, key=key,
+            store=store if store in ("memory", "disk") and (key or store == "memory") else "auto",
+            seed=setup.config.seed)

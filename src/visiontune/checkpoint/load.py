@@ -1,0 +1,138 @@
+"""``load_weights``: read safely -> unwrap -> clean prefixes -> match keys -> copy -> report.
+
+Each step is a dict -> dict function of its own module; this one only chains them. Nothing is
+written into the model until the whole plan is known and every pair is known to fit, so an error
+(or ``dry_run=True``) leaves the model exactly as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from visiontune.checkpoint.align import match_auto
+from visiontune.checkpoint.clean import clean_keys
+from visiontune.checkpoint.io import read_checkpoint, sniff_format
+from visiontune.checkpoint.match import Plan, Strategy, match_by_mapping, match_by_name, match_by_order, parse_strategy, rename_by_rules
+from visiontune.checkpoint.report import LoadReport
+from visiontune.checkpoint.unwrap import unwrap
+from visiontune.errors import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+
+def load_weights(model, source, match="auto", dry_run: bool = False, allow_unsafe: bool = False, prefer_ema: bool = False) -> LoadReport:
+    """Fill ``model``'s tensors from ``source`` and return a :class:`LoadReport` of what happened.
+
+    ``source``: a checkpoint path (``.pth``/``.pt``/``.bin``/``.ckpt`` read with
+    ``torch.load(weights_only=True)``, or ``.safetensors``) or an in-memory state dict / wrapping
+    dict. ``match``: ``"auto"`` (names, then structure), ``"name"``, ``"order"``, a mapping
+    ``{model_key: checkpoint_key or None}``, a list of ``(regex, replacement or None)`` rules, or
+    the path of a YAML/JSON file holding either. ``allow_unsafe`` permits unpickling arbitrary
+    objects (a whole saved model); ``prefer_ema`` picks EMA weights when a checkpoint has both.
+
+    A tensor whose shape cannot fit is never loaded; it is reported. Raises CheckpointError when
+    nothing fits, leaving the model untouched; so does ``dry_run=True``, always.
+    """
+    strategy = parse_strategy(match)
+    raw, source_format, source_name = _read_source(source, allow_unsafe)
+    unwrapped = unwrap(raw, prefer_ema=prefer_ema, origin=f"checkpoint {source_name}")
+    checkpoint = unwrapped.state_dict
+    model_state = model.state_dict()
+
+    renamed_by_rules, rule_notes = _rules_step(strategy, list(checkpoint))
+    cleaned = clean_keys(list(renamed_by_rules), list(model_state))  # cleaned name -> name after rules
+    original = {new: renamed_by_rules[old] for new, old in cleaned.items()}  # cleaned name -> name in the file
+    tensors = {new: checkpoint[name] for new, name in original.items()}
+
+    plan = _plan(strategy, model_state, tensors, original)
+    plan.notes[:0] = rule_notes
+    report = _report(plan, model_state, tensors, original, list(checkpoint), strategy, source_format, unwrapped.unwrapped_from, source_name, dry_run)
+    if not plan.loaded:
+        raise CheckpointError(_nothing_fits_message(source_name, strategy, model_state, checkpoint))
+    if not dry_run:
+        _copy(model_state, tensors, plan.loaded)
+    logger.info("%s", report)
+    return report
+
+
+def _read_source(source, allow_unsafe: bool) -> tuple[object, str, str]:
+    import torch
+
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        file_format = sniff_format(path)
+        return read_checkpoint(path, allow_unsafe=allow_unsafe), file_format, f"'{path}'"
+    if isinstance(source, torch.nn.Module):
+        return source, "module", "<in-memory model>"
+    if isinstance(source, dict):
+        return source, "in-memory", "<in-memory dict>"
+    raise CheckpointError(f"load_weights() takes a checkpoint path or a state dict as source, not {type(source).__name__}.")
+
+
+def _rules_step(strategy: Strategy, keys: list[str]) -> tuple[dict[str, str], list[str]]:
+    if strategy.kind != "rules":
+        return {key: key for key in keys}, []
+    return rename_by_rules(keys, strategy)
+
+
+def _plan(strategy: Strategy, model_state: dict, tensors: dict, original: dict[str, str]) -> Plan:
+    target = {key: tuple(tensor.shape) for key, tensor in model_state.items()}
+    source = {key: tuple(tensor.shape) for key, tensor in tensors.items()}
+    if strategy.kind == "auto":
+        floating = lambda state: {key: tensor.is_floating_point() or tensor.is_complex() for key, tensor in state.items()}  # noqa: E731
+        return match_auto(target, source, floating(model_state), floating(tensors))
+    if strategy.kind == "order":
+        return match_by_order(target, source)
+    if strategy.kind == "mapping":
+        aliases = {name: cleaned for cleaned, name in original.items()}
+        return match_by_mapping(target, source, strategy, aliases)
+    return match_by_name(target, source)  # "name", and "rules" after renaming
+
+
+def _report(plan: Plan, model_state, tensors, original, checkpoint_keys, strategy, source_format, unwrapped_from, source_name, dry_run) -> LoadReport:
+    used = plan.used_sources()
+    removed = sorted({name[: len(name) - len(cleaned)] for cleaned, name in original.items() if name.endswith(cleaned) and name != cleaned})
+    return LoadReport(
+        loaded={target: original[source] for target, source in plan.loaded.items()},
+        missing=[key for key in model_state if key not in plan.loaded and key not in plan.mismatched],
+        unexpected=[original[key] for key in tensors if key not in used],
+        mismatched={
+            target: (tuple(model_state[target].shape), tuple(tensors[source].shape)) for target, source in plan.mismatched.items()
+        },
+        renamed={target: original[source] for target, source in plan.loaded.items() if target != source},
+        source_format=source_format,
+        unwrapped_from=unwrapped_from,
+        source=source_name,
+        match=strategy.kind if strategy.kind in ("auto", "name", "order") else f"{strategy.kind} from {strategy.origin}",
+        dry_run=dry_run,
+        mismatched_from={target: original[source] for target, source in plan.mismatched.items()},
+        removed_prefixes=removed,
+        notes=plan.notes,
+        model_keys=list(model_state),
+        checkpoint_keys=list(checkpoint_keys),
+    )
+
+
+def _copy(model_state: dict, tensors: dict, loaded: dict[str, str]) -> None:
+    """Write each planned tensor into the model's own storage (state_dict() tensors share it)."""
+    import torch
+
+    with torch.no_grad():
+        for target, source in loaded.items():
+            destination = model_state[target]
+            destination.copy_(tensors[source].reshape(destination.shape))
+
+
+def _nothing_fits_message(source_name: str, strategy: Strategy, model_state: dict, checkpoint: dict) -> str:
+    def sample(keys) -> str:
+        keys = list(keys)
+        return ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "") if keys else "(none)"
+
+    return (
+        f"No tensor of checkpoint {source_name} ({len(checkpoint)} tensors: {sample(checkpoint)}) fits the model "
+        f"({len(model_state)} tensors: {sample(model_state)}) with match={strategy.kind!r}; the model was left unchanged. "
+        "Check that the checkpoint is for this architecture (visiontune inspect shows what it holds); if only the names differ, "
+        "try match='order' or give an explicit mapping {model_key: checkpoint_key}."
+    )

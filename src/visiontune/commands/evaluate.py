@@ -1,0 +1,62 @@
+"""``visiontune evaluate``: a finished run's metrics on any labelled image folder."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="measure a trained run on a labelled image folder",
+        description="Accuracy, top-5, macro-F1, loss and per-class precision/recall of a run's model on "
+        "DIR/<class>/<image> (or DIR/val/<class>/... when DIR is a dataset root, or a CSV manifest).",
+    )
+    parser.add_argument("--run", required=True, metavar="RUN", help="run folder written by 'visiontune train'")
+    parser.add_argument("--data", required=True, metavar="DIR", help="labelled folder of class sub-folders, or a CSV")
+    parser.add_argument("--checkpoint", choices=("best", "last"), default="best", help="which weights (default: best)")
+    parser.add_argument("--batch-size", type=int, default=64, metavar="B", help="images per forward pass (default: 64)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run (default: auto)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from visiontune.errors import ConfigError
+    from visiontune.predict import evaluate_run, open_run
+
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
+    loaded = open_run(args.run, checkpoint=args.checkpoint, device=args.device)
+    evaluation = evaluate_run(loaded, args.data, batch_size=args.batch_size)
+    if args.json:
+        result = {"run": str(args.run), "checkpoint": args.checkpoint, **evaluation.to_dict()}
+        print(json.dumps(result, indent=2))
+    else:
+        print(format_evaluation(evaluation, args.run, args.checkpoint))
+    for path, reason in evaluation.skipped:
+        print(f"skipped unreadable image {path}: {reason}", file=sys.stderr)
+    return 0
+
+
+def format_evaluation(evaluation, run_dir, checkpoint: str) -> str:
+    """The summary lines and the per-class table, for people."""
+    metrics = evaluation.metrics
+    lines = [
+        f"run {run_dir} ({checkpoint} checkpoint) on {evaluation.data}: {metrics['num_images']} images",
+        f"  accuracy  {metrics['accuracy']:.2%}",
+    ]
+    if metrics["top5"] is not None:
+        lines.append(f"  top-5     {metrics['top5']:.2%}")
+    lines += [f"  macro-F1  {metrics['macro_f1']:.4f}", f"  loss      {metrics['loss']:.4f}", ""]
+    width = max(5, *(len(name) for name in metrics["per_class"]))
+    lines.append(f"  {'class':<{width}}  precision  recall     f1  support")
+    for name, row in metrics["per_class"].items():
+        lines.append(
+            f"  {name:<{width}}  {row['precision']:>9.3f}  {row['recall']:>6.3f}  {row['f1']:>5.3f}  {row['support']:>7d}"
+        )
+    if evaluation.skipped:
+        lines.append(f"\n{len(evaluation.skipped)} unreadable image(s) skipped (listed on stderr)")
+    return "\n".join(lines)

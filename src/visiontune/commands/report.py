@@ -1,0 +1,31 @@
+"""``visiontune report``: (re)build a run's self-contained report.html."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "report",
+        help="write RUN/report.html: config, curves, confusion matrix, worst mistakes",
+        description="Build one self-contained HTML page (images inlined, opens offline) from a run folder: its "
+        "configuration, the pretrained weights' load report, learning curves, confusion matrix, per-class "
+        "precision/recall and the validation images it got most wrong.",
+    )
+    parser.add_argument("--run", required=True, metavar="RUN", help="run folder written by 'visiontune train'")
+    parser.add_argument("--out", metavar="FILE", help="where to write (default: RUN/report.html)")
+    parser.add_argument("--max-wrong", type=int, default=24, metavar="N",
+                        help="how many misclassified validation images to show (default: 24)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from visiontune.errors import ConfigError
+    from visiontune.report_html import write_report
+
+    if args.max_wrong < 0:
+        raise ConfigError(f"--max-wrong must be 0 or more, got {args.max_wrong}")
+    path = write_report(args.run, out=args.out, max_wrong=args.max_wrong)
+    print(f"wrote {path}")
+    return 0

@@ -1,0 +1,106 @@
+"""``visiontune train``: fine-tune a pretrained classifier on a folder of images.
+
+The flags come from :class:`visiontune.config.TrainConfig` (one source of truth); this module
+adds the run-control flags (--config, --resume, --overwrite, --quiet) and all the printing:
+a progress bar per epoch when stderr is a terminal, one line per epoch, a final table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from visiontune.config import add_config_arguments, config_from_args, given_config_values
+
+EPOCH_LINE = "epoch {epoch:>3}/{epochs} {phase:<7} train loss {train_loss:.4f} acc {train_acc:.3f} | " \
+             "val loss {val_loss:.4f} acc {val_acc:.3f} | {seconds:.1f}s {images_per_s:.0f} img/s"
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "train", help="fine-tune a pretrained image classifier on a folder of images",
+        description="Fine-tune a pretrained image classifier. A YAML --config gives defaults; flags override it.")
+    add_config_arguments(parser)
+    parser.add_argument("--config", dest="config_file", metavar="FILE.yaml", help="YAML file of TrainConfig keys")
+    parser.add_argument("--resume", metavar="RUN", help="continue RUN from its last.ckpt with its saved config")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing run folder's files")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar and no per-epoch lines")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from visiontune.engine import resume, train
+
+    reporter = ConsoleReporter(quiet=args.quiet)
+    run_dir = args.resume or None
+    try:
+        if args.resume:
+            result = resume(args.resume, overrides=given_config_values(args), reporter=reporter)
+        else:
+            config = config_from_args(args, args.config_file)
+            run_dir = config.out
+            result = train(config, overwrite=args.overwrite, reporter=reporter)
+    except KeyboardInterrupt:
+        reporter.close()
+        where = f" --resume {run_dir}" if run_dir else " --resume RUN"
+        print(f"visiontune train: interrupted; the last completed epoch is saved, continue with: "
+              f"visiontune train{where}", file=sys.stderr)
+        return 130
+    finally:
+        reporter.close()
+    if not args.quiet:
+        print(final_table(result))
+    print(f"run folder: {result.run_dir}  (best val accuracy {result.best_accuracy:.4f} at epoch {result.best_epoch})")
+    return 0
+
+
+class ConsoleReporter:
+    """A tqdm bar per epoch (only on a terminal), one summary line per epoch (unless quiet)."""
+
+    def __init__(self, quiet: bool = False, stream=None):
+        self.quiet = quiet
+        self.stream = stream or sys.stderr
+        self.bar = None
+        self.epochs = 0
+
+    def start_epoch(self, epoch: int, epochs: int, num_batches: int, phase: str) -> None:
+        self.epochs = epochs
+        if self.quiet or not self.stream.isatty():
+            return
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=num_batches, desc=f"epoch {epoch}/{epochs} {phase}", unit="batch", leave=False,
+                        file=self.stream, dynamic_ncols=True)
+        self.images, self.epoch = 0, epoch
+
+    def advance(self, images: int) -> None:
+        if self.bar is None:
+            return
+        self.images += images
+        self.bar.update(1)
+        elapsed = self.bar.format_dict["elapsed"]
+        if elapsed > 0:
+            self.bar.set_postfix_str(f"{self.images / elapsed:.0f} img/s", refresh=False)
+
+    def end_epoch(self, row: dict) -> None:
+        self.close()
+        if not self.quiet:
+            print(EPOCH_LINE.format(epochs=self.epochs, **row), file=sys.stdout, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def final_table(result) -> str:
+    """The epochs as a small fixed-width table, the best epoch marked with *."""
+    header = f"{'epoch':>5} {'phase':<7} {'train loss':>10} {'train acc':>9} {'val loss':>9} {'val acc':>8} {'macro F1':>8}"
+    lines = [header, "-" * len(header)]
+    for row in result.history:
+        mark = "*" if row["epoch"] == result.best_epoch else " "
+        lines.append(f"{row['epoch']:>4}{mark} {row['phase']:<7} {row['train_loss']:>10.4f} {row['train_acc']:>9.3f} "
+                     f"{row['val_loss']:>9.4f} {row['val_acc']:>8.3f} {row['val_macro_f1']:>8.3f}")
+    if result.stopped_early:
+        lines.append(f"stopped early after epoch {result.epochs_completed} (no better val accuracy)")
+    return "\n".join(lines)

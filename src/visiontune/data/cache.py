@@ -1,0 +1,180 @@
+"""Decode once: keep every image decoded, resized and as uint8 in memory for all epochs.
+
+Decoding a JPEG and resizing it costs more than the rest of a small model's input pipeline; for a
+dataset that fits in memory, :func:`decode_to_uint8` does it once, up front, on a thread pool
+(Pillow releases the GIL), and :class:`InMemoryDataset` serves the tensors to the transforms.
+Up front rather than "during the first epoch" because data-loader workers are separate processes:
+what a worker caches never reaches the main process or the next epoch's workers.
+
+What is stored: the image resized by Pillow so its short side is ``size`` (the weights'
+``resize_size``), then cropped to a ``size x size`` square around the centre. The square's offset is
+chosen so that a later ``CenterCrop(crop_size)`` lands on exactly the pixels it would take from the
+full resized image, so the evaluation transform gives bit-identical tensors to
+:class:`~visiontune.data.ImageDataset` (its ``Resize`` is a no-op on a tensor already at ``size``).
+Random augmentation (RandomResizedCrop) then samples from the central square only, which loses
+the far ends of wide images: a documented trade-off for bounded, stackable memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.utils.data
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as F
+
+from visiontune.data.datasets import Sample
+from visiontune.data.images import RGB, BadImageError, check_bad_image_policy, load_image, map_in_threads
+from visiontune.data.transforms import interpolation_mode
+from visiontune.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MEMORY_FRACTION = 0.25  # of the RAM available now; the rest is for the model, activations and workers
+
+
+@dataclass
+class DecodedImages:
+    """Decoded images of the readable samples, in sample order, and the files left out."""
+
+    images: torch.Tensor  # uint8, shape (N, 3, size, size)
+    labels: torch.Tensor  # int64, shape (N,)
+    samples: list[Sample]  # the N readable samples, aligned with ``images``
+    bad: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) of unreadable files
+
+
+def decoded_bytes(num_images: int, size: int) -> int:
+    """Bytes that ``num_images`` decoded RGB uint8 squares of side ``size`` take."""
+    return num_images * 3 * size * size
+
+
+def available_memory_bytes() -> int:
+    """RAM available to new allocations now (Linux ``MemAvailable``, else free pages; 0 if unknown)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # the file counts kibibytes
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def fits_in_memory(num_images: int, size: int, fraction: float = DEFAULT_MEMORY_FRACTION) -> bool:
+    """Whether the decoded images would take at most ``fraction`` of the available RAM."""
+    needed, budget = decoded_bytes(num_images, size), int(available_memory_bytes() * fraction)
+    logger.debug("decoded images need %.1f MiB, budget %.1f MiB", needed / 2**20, budget / 2**20)
+    return needed <= budget
+
+
+def decode_to_uint8(
+    samples: Sequence[Sample],
+    size: int,
+    workers: int | None = None,
+    *,
+    crop_size: int | None = None,
+    interpolation: str = "bilinear",
+    on_bad_image: str = "skip",
+    background: RGB = (255, 255, 255),
+) -> DecodedImages:
+    """Decode, resize (short side to ``size``) and square-crop every sample once, into one uint8 tensor.
+
+    Pass the weights' ``resize_size`` as ``size``, their ``crop_size`` and ``interpolation``: then the
+    evaluation transform on these tensors equals it on the files, pixel for pixel. Unreadable files
+    are skipped and listed in ``bad`` (``on_bad_image="skip"``) or raise (``"error"``), so this pass
+    can replace :func:`~visiontune.data.check_images`."""
+    check_bad_image_policy(on_bad_image)
+    if crop_size is not None and crop_size > size:
+        raise ConfigError(
+            f"crop size {crop_size} is larger than the resize size {size}; the in-memory cache needs "
+            "resize_size >= crop_size (or decode from files with ImageDataset)"
+        )
+    samples = list(samples)
+    mode = interpolation_mode(interpolation)
+    images = torch.empty((len(samples), 3, size, size), dtype=torch.uint8)
+
+    def decode(index: int) -> str | None:
+        try:
+            picture = load_image(samples[index].path, background)
+        except BadImageError as error:
+            return error.reason
+        images[index] = _resize_and_square(picture, size, crop_size or size, mode)
+        return None
+
+    kept, bad = [], []
+    for index, reason in zip(range(len(samples)), map_in_threads(decode, list(range(len(samples))), workers)):
+        if reason is None:
+            kept.append(index)
+        elif on_bad_image == "error":
+            raise BadImageError(samples[index].path, reason)
+        else:
+            bad.append((str(samples[index].path), reason))
+    if bad:
+        logger.warning("skipped %d unreadable image(s) of %d, first: %s (%s)", len(bad), len(samples), *bad[0])
+    _compact(images, kept)
+    good = [samples[index] for index in kept]
+    return DecodedImages(
+        images=images[: len(kept)],
+        labels=torch.tensor([sample.label for sample in good], dtype=torch.int64),
+        samples=good,
+        bad=bad,
+    )
+
+
+def _resize_and_square(picture: Image.Image, size: int, crop_size: int, mode: InterpolationMode) -> torch.Tensor:
+    resized = F.resize(picture, [size], interpolation=mode, antialias=True)  # the same call v2.Resize makes
+    width, height = resized.size
+    top = _square_offset(height, size, crop_size)
+    left = _square_offset(width, size, crop_size)
+    return F.pil_to_tensor(resized.crop((left, top, left + size, top + size)))
+
+
+def _square_offset(length: int, size: int, crop_size: int) -> int:
+    """Where to cut ``size`` out of ``length`` so that centre-cropping ``crop_size`` from the cut
+    gives the same pixels as centre-cropping it from the whole (torchvision rounds each half-offset,
+    so cutting at the plain centre can be off by one pixel)."""
+    direct = int(round((length - crop_size) / 2.0))
+    within = int(round((size - crop_size) / 2.0))
+    return min(max(direct - within, 0), length - size)
+
+
+def _compact(images: torch.Tensor, kept: list[int]) -> None:
+    """Move the kept rows to the front in place (dest <= source, so no row is overwritten early)."""
+    for destination, source in enumerate(kept):
+        if destination != source:
+            images[destination].copy_(images[source])
+
+
+class InMemoryDataset(torch.utils.data.Dataset):
+    """Decoded uint8 images served from memory: ``dataset[i] -> (transform(images[i]), label)``.
+
+    ``transform`` must accept a uint8 ``CHW`` tensor; the ones from
+    :func:`~visiontune.data.build_transforms` do."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor | Sequence[int], transform: Callable | None):
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError(f"expected uint8 images of shape (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
+        self.images = images
+        self.targets = [int(label) for label in labels]  # what samplers and class weights read
+        if len(self.targets) != len(images):
+            raise ValueError(f"{len(images)} images but {len(self.targets)} labels")
+        self.transform = transform
+
+    @classmethod
+    def from_decoded(cls, decoded: DecodedImages, transform: Callable | None) -> "InMemoryDataset":
+        return cls(decoded.images, decoded.labels, transform)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int):
+        image = self.images[index]
+        return (self.transform(image) if self.transform is not None else image), self.targets[index]

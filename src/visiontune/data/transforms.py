@@ -1,0 +1,115 @@
+"""Image transforms: the weights' evaluation preprocessing, training augmentation, batch mixing.
+
+Every transform accepts a ``PIL.Image`` (from :class:`~visiontune.data.ImageDataset`) or a uint8
+``CHW`` tensor (from :class:`~visiontune.data.InMemoryDataset`) and returns a plain float tensor.
+Geometric steps run before ``ToImage`` so that a PIL input is resized by Pillow, exactly as
+torchvision's ``weights.transforms()`` does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import v2
+
+from visiontune.errors import ConfigError
+from visiontune.preprocessing import Preprocessing
+
+AUGMENTATIONS = ("none", "basic", "trivial", "randaugment")
+INTERPOLATIONS = {
+    "bilinear": InterpolationMode.BILINEAR,
+    "bicubic": InterpolationMode.BICUBIC,
+    "nearest": InterpolationMode.NEAREST,
+}
+
+# Transforms whose output depends only on their input. Anything not listed (including transforms
+# added later) counts as random, so a feature cache is never fed augmented images by mistake.
+_DETERMINISTIC = (
+    v2.Resize,
+    v2.CenterCrop,
+    v2.ToImage,
+    v2.ToDtype,
+    v2.Normalize,
+    v2.ToPureTensor,
+    v2.Identity,
+)
+
+
+def interpolation_mode(name: str) -> InterpolationMode:
+    try:
+        return INTERPOLATIONS[name]
+    except KeyError:
+        raise ConfigError(f"unknown interpolation {name!r}; choose one of: {', '.join(INTERPOLATIONS)}") from None
+
+
+def build_eval_transform(preprocessing: Preprocessing) -> v2.Compose:
+    """Resize the short side, centre-crop, scale to [0, 1], normalise: ``weights.transforms()``."""
+    interpolation = interpolation_mode(preprocessing.interpolation)
+    return v2.Compose(
+        [
+            v2.Resize(preprocessing.resize_size, interpolation=interpolation, antialias=True),
+            v2.CenterCrop(preprocessing.crop_size),
+            *_to_normalized_tensor(preprocessing),
+        ]
+    )
+
+
+def build_transforms(preprocessing: Preprocessing, augment: str = "basic") -> tuple[v2.Compose, v2.Compose]:
+    """``(train_transform, eval_transform)`` for ``preprocessing``.
+
+    ``augment``: ``"none"`` (the eval transform, deterministic), ``"basic"`` (RandomResizedCrop +
+    horizontal flip), ``"trivial"`` (basic + TrivialAugmentWide) or ``"randaugment"`` (basic +
+    RandAugment). Use :func:`is_deterministic` to ask whether the train transform is random."""
+    if augment not in AUGMENTATIONS:
+        raise ConfigError(f"unknown augment {augment!r}; choose one of: {', '.join(AUGMENTATIONS)}")
+    eval_transform = build_eval_transform(preprocessing)
+    if augment == "none":
+        return eval_transform, eval_transform
+    interpolation = interpolation_mode(preprocessing.interpolation)
+    steps: list[Callable] = [
+        v2.RandomResizedCrop(preprocessing.crop_size, interpolation=interpolation, antialias=True),
+        v2.RandomHorizontalFlip(),
+    ]
+    if augment == "trivial":
+        steps.append(v2.TrivialAugmentWide(interpolation=interpolation))
+    elif augment == "randaugment":
+        steps.append(v2.RandAugment(interpolation=interpolation))
+    return v2.Compose([*steps, *_to_normalized_tensor(preprocessing)]), eval_transform
+
+
+def _to_normalized_tensor(preprocessing: Preprocessing) -> list[Callable]:
+    return [
+        v2.ToImage(),
+        v2.ToDtype(torch.float32, scale=True),  # uint8 / 255, as convert_image_dtype does
+        v2.Normalize(mean=list(preprocessing.mean), std=list(preprocessing.std)),
+        v2.ToPureTensor(),  # plain tensors collate and pickle without tv_tensors metadata
+    ]
+
+
+def is_deterministic(transform: Callable) -> bool:
+    """True when ``transform`` (a v2 ``Compose`` or single transform) has no random step."""
+    if isinstance(transform, v2.Compose):
+        return all(is_deterministic(step) for step in transform.transforms)
+    return isinstance(transform, _DETERMINISTIC)
+
+
+def build_batch_mixer(num_classes: int, mixup: float = 0.0, cutmix: float = 0.0) -> Callable | None:
+    """A callable ``(images, labels) -> (images, soft targets)`` mixing a batch, or None if both are 0.
+
+    ``mixup`` / ``cutmix`` are the Beta-distribution alphas (typical: 0.2 and 1.0); with both,
+    each batch uses one of them chosen at random. Soft targets have shape ``(batch, num_classes)``."""
+    for name, alpha in (("mixup", mixup), ("cutmix", cutmix)):
+        if alpha < 0:
+            raise ConfigError(f"{name} must be >= 0 (a Beta alpha; 0 turns it off), got {alpha}")
+    if num_classes < 2:
+        raise ConfigError(f"batch mixing needs at least 2 classes, got num_classes={num_classes}")
+    mixers = []
+    if mixup > 0:
+        mixers.append(v2.MixUp(alpha=mixup, num_classes=num_classes))
+    if cutmix > 0:
+        mixers.append(v2.CutMix(alpha=cutmix, num_classes=num_classes))
+    if not mixers:
+        return None
+    return mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)

@@ -1,0 +1,110 @@
+"""Device, precision, threads and "who writes" — decided here and nowhere else.
+
+The CPU path always works: CUDA is used only when asked for (or ``auto`` finds it), and reduced
+precision only where the hardware does it natively (bf16 on CUDA when supported, else fp16 with
+loss scaling; bf16 on CPUs whose flags show AMX or AVX-512 BF16, fp32 on every other CPU).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from visiontune.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+_CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How the forward pass runs: ``dtype`` None means plain fp32; ``needs_scaler`` for fp16."""
+
+    dtype: torch.dtype | None
+
+    @property
+    def name(self) -> str:
+        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
+
+    @property
+    def needs_scaler(self) -> bool:
+        return self.dtype is torch.float16
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is a ConfigError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but no CUDA GPU is available; use --device cpu or auto")
+    if name not in ("cpu", "cuda"):
+        raise ConfigError(f"device must be auto, cpu or cuda, got {name!r}")
+    return torch.device(name)
+
+
+@lru_cache(maxsize=1)
+def cpu_has_native_bf16() -> bool:
+    """True when /proc/cpuinfo lists AMX or AVX-512 BF16 (elsewhere bf16 on CPU is emulated and slow)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    return any(flag in line.split() for flag in _CPU_BF16_FLAGS)
+    except OSError:
+        pass
+    return False
+
+
+def resolve_precision(device: torch.device, requested: str = "auto") -> Precision:
+    """The autocast dtype for ``device``; asking for one the device cannot do is a ConfigError."""
+    if requested == "fp32":
+        return Precision(None)
+    if device.type == "cuda":
+        bf16_ok = torch.cuda.is_bf16_supported()
+        if requested == "bf16" and not bf16_ok:
+            raise ConfigError("--precision bf16 needs a GPU that supports bfloat16; use fp16, fp32 or auto")
+        if requested == "fp16":
+            return Precision(torch.float16)
+        return Precision(torch.bfloat16 if bf16_ok else torch.float16)
+    if requested == "fp16":
+        raise ConfigError("--precision fp16 is only supported on CUDA; use bf16, fp32 or auto on the CPU")
+    if requested == "bf16" or cpu_has_native_bf16():
+        return Precision(torch.bfloat16)
+    return Precision(None)
+
+
+def autocast(device: torch.device, precision: Precision):
+    """Context manager for the forward pass (a no-op in fp32)."""
+    if precision.dtype is None:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=precision.dtype)
+
+
+def default_workers(cpu_count: int | None = None) -> int:
+    """Data loader processes: leave one core for the training step, at most 4 (decoding small
+    images rarely needs more); on a 2-core machine that is 1 worker overlapping with compute."""
+    cpus = cpu_count if cpu_count is not None else (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                                    else os.cpu_count() or 1)
+    return max(0, min(4, cpus - 1))
+
+
+def configure_threads(device: torch.device) -> int:
+    """Intra-op threads for the training process; torch's default (one per core) is right on CPU,
+    this only records the choice so every run logs it."""
+    threads = torch.get_num_threads()
+    log.debug("device %s, %d intra-op threads", device, threads)
+    return threads
+
+
+def is_main_process() -> bool:
+    """Only rank 0 writes the run folder and prints. Single-process runs are rank 0; under
+    torchrun (issue #6) RANK is set for every process."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0

@@ -1,0 +1,232 @@
+"""Training: ``train(config)`` runs a whole fine-tuning job into a run folder; ``resume(run_dir)``
+continues one; :func:`fit` is the epoch loop between them.
+
+The story is linear, as in torchvision's reference script: config -> :func:`build_training`
+(data, model, optimizer) -> resume state if any -> epoch loop (phase switch, train, evaluate,
+keep the best weights, save ``last.ckpt``) -> final evaluation of the best model -> report.
+Everything that must survive an interruption is in one state dict written each epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from visiontune.config import TrainConfig, config_from_dict, validate
+from visiontune.errors import ConfigError
+from visiontune.loops import EpochStats, evaluate, train_one_epoch
+from visiontune.run import (capture_rng_state, check_run_dir, default_run_dir, load_training_state, prepare_run_dir,
+                            restore_rng_state, save_best_weights, save_training_state, write_metrics_csv,
+                            write_run_header)
+from visiontune.schedule import build_schedule
+from visiontune.strategies import apply_phase, build_optimizer, describe_groups, phase_index_for_epoch
+from visiontune.training_setup import TrainingSetup, build_training
+
+log = logging.getLogger(__name__)
+
+STATE_FORMAT = 1
+# Settings that may change when resuming: where and how fast it runs, and how long or patient it is.
+RESUME_OVERRIDABLE = ("epochs", "patience", "workers", "device")
+LR_FINDER_REFERENCE = 1e-3  # --lr auto: the backbone rate the optimizer is built at while the finder runs
+
+
+class Reporter(Protocol):
+    """Where progress goes (the CLI draws a bar and prints lines; the library default only logs)."""
+
+    def start_epoch(self, epoch: int, epochs: int, num_batches: int, phase: str) -> None: ...
+
+    def advance(self, images: int) -> None: ...
+
+    def end_epoch(self, row: dict) -> None: ...
+
+
+class LogReporter:
+    """The default: one log line per epoch, nothing per batch."""
+
+    def start_epoch(self, epoch: int, epochs: int, num_batches: int, phase: str) -> None:
+        pass
+
+    def advance(self, images: int) -> None:
+        pass
+
+    def end_epoch(self, row: dict) -> None:
+        log.info("epoch %s: train loss %.4f, val acc %.4f", row["epoch"], row["train_loss"], row["val_acc"])
+
+
+@dataclass
+class TrainResult:
+    """What a finished run achieved; ``model`` holds the best weights (by validation accuracy)."""
+
+    run_dir: Path
+    best_accuracy: float
+    best_epoch: int
+    epochs_completed: int
+    stopped_early: bool
+    metrics: dict  # the best model's final validation metrics (ClassificationMetrics.compute())
+    history: list[dict] = field(default_factory=list)  # the rows of metrics.csv
+    model: torch.nn.Module | None = None
+
+
+def train(config: TrainConfig, *, overwrite: bool = False, reporter: Reporter | None = None) -> TrainResult:
+    """Fine-tune ``config.model`` on ``config.data`` into the run folder ``config.out``."""
+    config = validate(config)
+    if config.out is None:
+        config.out = str(default_run_dir(config.model))
+    run_dir = Path(config.out)
+    # Refuse an existing folder before spending time on data and model; create it only once they work.
+    check_run_dir(run_dir, overwrite=overwrite)
+    auto_lr = config.lr == "auto"
+    if auto_lr:
+        _require_lr_finder()
+        config.lr = LR_FINDER_REFERENCE  # the groups are built at this rate; the finder scales them together
+    setup = build_training(config)
+    if auto_lr:
+        _apply_lr_finder(setup)
+    prepare_run_dir(run_dir, overwrite=overwrite)
+    write_run_header(run_dir, setup.config, setup.classes, setup.preprocessing)
+    state = _fresh_state(setup)
+    return fit(setup, state, run_dir, reporter or LogReporter())
+
+
+def resume(run_dir: str | Path, *, overrides: dict | None = None, reporter: Reporter | None = None) -> TrainResult:
+    """Continue ``run_dir`` from ``last.ckpt`` with its saved configuration."""
+    run_dir = Path(run_dir)
+    state = load_training_state(run_dir)
+    if state.get("format") != STATE_FORMAT:
+        raise ConfigError(f"{run_dir / 'last.ckpt'} was written by an incompatible visiontune version")
+    overrides = dict(overrides or {})
+    refused = sorted(set(overrides) - set(RESUME_OVERRIDABLE))
+    if refused:
+        raise ConfigError(f"--resume continues with the run's saved configuration; only "
+                          f"{', '.join(RESUME_OVERRIDABLE)} may change (got {', '.join(refused)}); "
+                          "start a new run to change the others")
+    config = config_from_dict({**state["config"], **overrides})
+    config.out = str(run_dir)
+    setup = build_training(config)
+    if state["phase"] != 0:
+        _enter_phase(setup, state["phase"])
+    setup.model.load_state_dict(state["model"])
+    setup.optimizer.load_state_dict(state["optimizer"])
+    restore_rng_state(state["rng"])
+    state["config"] = config.to_dict()
+    log.info("resuming %s after epoch %d of %d", run_dir, state["epoch"], config.epochs)
+    return fit(setup, state, run_dir, reporter or LogReporter())
+
+
+def _fresh_state(setup: TrainingSetup) -> dict:
+    return {"format": STATE_FORMAT, "epoch": 0, "step": 0, "phase": 0, "phase_start_step": 0,
+            "best_accuracy": -1.0, "best_epoch": 0, "epochs_without_improvement": 0, "history": [],
+            "train_seconds": 0.0, "config": setup.config.to_dict()}
+
+
+def _enter_phase(setup: TrainingSetup, phase_index: int) -> None:
+    phase = setup.phases[phase_index]
+    apply_phase(setup.model, phase)
+    setup.optimizer = build_optimizer(setup.model, phase, setup.config)
+    log.info("phase %s: %s", phase.name, describe_groups(setup.optimizer))
+
+
+def fit(setup: TrainingSetup, state: dict, run_dir: Path, reporter: Reporter) -> TrainResult:
+    """Run the remaining epochs of ``state``, then evaluate the best model and write the report."""
+    from visiontune.artifacts import TensorBoardLog, write_final_artifacts
+
+    config, model = setup.config, setup.model
+    steps_per_epoch = len(setup.train_loader)
+    scaler = torch.amp.GradScaler(setup.device.type) if setup.precision.needs_scaler else None
+    if scaler is not None and "scaler" in state:
+        scaler.load_state_dict(state["scaler"])
+    tensorboard = TensorBoardLog(run_dir)
+    stopped_early = state.get("stopped_early", False)
+    try:
+        while state["epoch"] < config.epochs and not stopped_early:
+            epoch = state["epoch"]
+            phase_index = phase_index_for_epoch(setup.phases, epoch)
+            if phase_index != state["phase"]:
+                # New phase: new trainable set, fresh optimizer and a new warmup+cosine.
+                _enter_phase(setup, phase_index)
+                state["phase"], state["phase_start_step"] = phase_index, state["step"]
+            phase = setup.phases[phase_index]
+            schedule = build_schedule(steps_per_epoch, phase.epochs, config.warmup_epochs)
+            reporter.start_epoch(epoch + 1, config.epochs, steps_per_epoch, phase.name)
+            setup.train_loader.sampler.set_epoch(epoch)
+            stats = train_one_epoch(
+                model, setup.train_loader, setup.optimizer, setup.loss_fn, setup.device,
+                schedule=schedule, first_step=state["step"] - state["phase_start_step"],
+                precision=setup.precision, scaler=scaler, batch_mixer=setup.batch_mixer,
+                grad_clip=config.grad_clip, on_batch=reporter.advance)
+            evaluation = evaluate(model, setup.val_loader, setup.device, setup.classes, precision=setup.precision)
+            row = _metrics_row(epoch + 1, phase.name, stats, evaluation.metrics, evaluation.seconds)
+            state["step"] += stats.steps
+            state["epoch"] = epoch + 1
+            state["train_seconds"] += stats.seconds + evaluation.seconds
+            state["history"].append(row)
+            if evaluation.metrics["accuracy"] > state["best_accuracy"]:
+                state["best_accuracy"], state["best_epoch"] = evaluation.metrics["accuracy"], epoch + 1
+                state["epochs_without_improvement"] = 0
+                save_best_weights(run_dir, model)
+            else:
+                state["epochs_without_improvement"] += 1
+            stopped_early = 0 < config.patience <= state["epochs_without_improvement"]
+            state["stopped_early"] = stopped_early
+            _save_state(run_dir, state, setup, scaler)
+            write_metrics_csv(run_dir, state["history"])
+            tensorboard.add_row(row)
+            reporter.end_epoch(row)
+    except KeyboardInterrupt:
+        log.warning("interrupted; %s/last.ckpt holds epoch %d, continue with: visiontune train --resume %s",
+                    run_dir, state["epoch"], run_dir)
+        raise
+    finally:
+        tensorboard.close()
+    if stopped_early:
+        log.info("stopped early after epoch %d: no better validation accuracy for %d epochs",
+                 state["epoch"], config.patience)
+    metrics = write_final_artifacts(setup, state, run_dir)
+    return TrainResult(run_dir=run_dir, best_accuracy=state["best_accuracy"], best_epoch=state["best_epoch"],
+                       epochs_completed=state["epoch"], stopped_early=stopped_early, metrics=metrics,
+                       history=list(state["history"]), model=model)
+
+
+def _save_state(run_dir: Path, state: dict, setup: TrainingSetup, scaler) -> None:
+    state["model"] = setup.model.state_dict()
+    state["optimizer"] = setup.optimizer.state_dict()
+    state["scheduler"] = {"phase": state["phase"], "phase_start_step": state["phase_start_step"],
+                          "step": state["step"]}  # the schedule itself is a pure function of the step
+    state["rng"] = capture_rng_state()
+    state["config"] = setup.config.to_dict()
+    if scaler is not None:
+        state["scaler"] = scaler.state_dict()
+    save_training_state(run_dir, state)
+
+
+def _metrics_row(epoch: int, phase: str, stats: EpochStats, val: dict, val_seconds: float) -> dict:
+    return {"epoch": epoch, "phase": phase, "lr": stats.last_lr, "train_loss": stats.loss,
+            "train_acc": stats.accuracy, "val_loss": val["loss"], "val_acc": val["accuracy"],
+            "val_top5": val["top5"], "val_macro_f1": val["macro_f1"], "seconds": stats.seconds + val_seconds,
+            "images_per_s": stats.images_per_second}
+
+
+def _require_lr_finder() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("visiontune.lr_finder") is None:
+        raise ConfigError("--lr auto needs the LR finder, which is not available yet; give --lr a number")
+
+
+def _apply_lr_finder(setup: TrainingSetup) -> None:
+    """``--lr auto``: run the range test with the run's own optimizer and use its suggestion."""
+    from visiontune.lr_finder import lr_find
+
+    config = setup.config
+    result = lr_find(setup.model, setup.train_loader, setup.optimizer, setup.loss_fn, setup.device,
+                     batch_mixer=setup.batch_mixer, reference_lr=LR_FINDER_REFERENCE)
+    if result.suggestion is None:
+        raise ConfigError("--lr auto: the LR finder found no usable learning rate; give --lr explicitly")
+    config.lr = float(result.suggestion)
+    log.info("LR finder suggests lr %.3g (%s)", config.lr, result.method)
+    setup.optimizer = build_optimizer(setup.model, setup.phases[0], config)

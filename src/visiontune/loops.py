@@ -1,0 +1,163 @@
+"""One pass over the data: :func:`train_one_epoch` and :func:`evaluate`.
+
+Both take the model and a loader and nothing else of the run, so a cached-feature loader with a
+head-only model (frozen backbones) can be passed in unchanged.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from visiontune.device import Precision, autocast
+from visiontune.schedule import Schedule, set_learning_rates
+
+# torchvision's weights for the auxiliary classifiers' losses (GoogLeNet has two, Inception v3 one).
+AUX_WEIGHT_ONE_HEAD = 0.4
+AUX_WEIGHT_TWO_HEADS = 0.3
+
+
+@dataclass
+class EpochStats:
+    loss: float  # mean training loss per image
+    accuracy: float  # top-1 against the un-mixed labels, 0..1
+    images: int
+    steps: int
+    seconds: float
+    last_lr: float  # learning rate of the first parameter group at the last step
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
+def main_logits(outputs) -> torch.Tensor:
+    """The classifier's logits, also from GoogLeNet/Inception's train-mode namedtuples."""
+    return outputs if isinstance(outputs, torch.Tensor) else outputs.logits
+
+
+def compute_loss(outputs, targets: torch.Tensor, loss_fn: Callable) -> torch.Tensor:
+    """``loss_fn`` on the logits, plus the auxiliary classifiers' losses where the model has them."""
+    if isinstance(outputs, torch.Tensor):
+        return loss_fn(outputs, targets)
+    auxiliary = [value for name, value in outputs._asdict().items() if name != "logits" and value is not None]
+    loss = loss_fn(outputs.logits, targets)
+    if auxiliary:
+        weight = AUX_WEIGHT_ONE_HEAD if len(auxiliary) == 1 else AUX_WEIGHT_TWO_HEADS
+        loss = loss + weight * sum(loss_fn(aux, targets) for aux in auxiliary)
+    return loss
+
+
+def set_train_mode(model: nn.Module) -> None:
+    """``model.train()``, except that BatchNorm layers without trainable parameters stay in eval
+    mode so frozen layers keep their pretrained running statistics."""
+    model.train()
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            params = list(module.parameters(recurse=False))
+            if params and not any(p.requires_grad for p in params):
+                module.eval()
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: Iterable,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: Callable,
+    device: torch.device,
+    *,
+    schedule: Schedule,
+    first_step: int = 0,
+    precision: Precision = Precision(None),
+    scaler: torch.amp.GradScaler | None = None,
+    batch_mixer: Callable | None = None,
+    grad_clip: float = 0.0,
+    on_batch: Callable[[int], None] | None = None,
+) -> EpochStats:
+    """Train for one pass over ``loader``; ``first_step`` is the step within the schedule's phase.
+
+    ``on_batch(num_images)`` is called after every optimiser step (for a progress bar)."""
+    set_train_mode(model)
+    started = time.perf_counter()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    images_seen, steps, lr = 0, 0, 0.0
+    trainable = [p for group in optimizer.param_groups for p in group["params"]]
+    for images, labels in loader:
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        targets = labels
+        if batch_mixer is not None:
+            images, targets = batch_mixer(images, labels)
+        set_learning_rates(optimizer, schedule, first_step + steps)
+        lr = optimizer.param_groups[0]["lr"]
+        with autocast(device, precision):
+            outputs = model(images)
+            loss = compute_loss(outputs, targets, loss_fn)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        batch = labels.shape[0]
+        loss_sum += loss.detach().double() * batch
+        correct += (main_logits(outputs).detach().argmax(dim=1) == labels).sum()
+        images_seen += batch
+        steps += 1
+        if on_batch is not None:
+            on_batch(batch)
+    seconds = time.perf_counter() - started
+    count = max(1, images_seen)
+    return EpochStats(loss=loss_sum.item() / count, accuracy=correct.item() / count, images=images_seen,
+                      steps=steps, seconds=seconds, last_lr=lr)
+
+
+@dataclass
+class Evaluation:
+    metrics: dict  # ClassificationMetrics.compute(): loss, accuracy, top5, macro_f1, per_class, confusion
+    predictions: list[tuple[int, int, float, float]]  # (label, predicted, confidence, loss) per image, loader order
+    seconds: float
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: Iterable,
+    device: torch.device,
+    classes: list[str],
+    *,
+    precision: Precision = Precision(None),
+    keep_predictions: bool = False,
+) -> Evaluation:
+    """Plain (unweighted, unsmoothed) cross-entropy and classification metrics over ``loader``."""
+    from visiontune.metrics import ClassificationMetrics
+
+    model.eval()
+    started = time.perf_counter()
+    metrics = ClassificationMetrics(classes)
+    predictions = []
+    for images, labels in loader:
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        with autocast(device, precision):
+            logits = main_logits(model(images))
+        logits = logits.float()
+        losses = F.cross_entropy(logits, labels, reduction="none")
+        metrics.update(logits, labels, loss_sum=losses.sum())
+        if keep_predictions:
+            confidence, predicted = logits.softmax(dim=1).max(dim=1)
+            predictions += list(zip(labels.tolist(), predicted.tolist(), confidence.tolist(), losses.tolist()))
+    return Evaluation(metrics.compute(), predictions, time.perf_counter() - started)

@@ -1,0 +1,120 @@
+"""The pictures a run leaves: learning curves and the confusion matrix, as PNG files.
+
+Figures are drawn with matplotlib's object API on an Agg canvas, never through ``pyplot``: no
+display is needed, and the global backend of a user's notebook is left alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+log = logging.getLogger(__name__)
+
+_DPI = 110
+
+
+def plot_curves(rows: Sequence[dict], path: str | Path) -> Path:
+    """Loss and accuracy per epoch, train vs validation, from metrics.csv-style rows.
+
+    Each row needs ``epoch`` and any of ``train_loss``, ``val_loss``, ``train_acc``, ``val_acc``
+    (numbers or the strings read back from the CSV; missing or empty values are skipped). When a
+    ``phase`` column changes (gradual unfreezing) a dashed line marks the epoch it changed at.
+    """
+    epochs = [_number(row.get("epoch")) for row in rows]
+    figure = Figure(figsize=(10, 4), dpi=_DPI)
+    loss_axes, accuracy_axes = figure.subplots(1, 2)
+    for axes, metric, title in ((loss_axes, "loss", "Loss"), (accuracy_axes, "acc", "Accuracy")):
+        for split, style in (("train", "-o"), ("val", "-s")):
+            points = [(e, _number(row.get(f"{split}_{metric}"))) for e, row in zip(epochs, rows)]
+            points = [(e, v) for e, v in points if e is not None and v is not None]
+            if points:
+                axes.plot(*zip(*points), style, markersize=4, label=split)
+        axes.set_title(title)
+        axes.set_xlabel("epoch")
+        axes.grid(alpha=0.3)
+        for epoch, phase in _phase_changes(rows, epochs):
+            axes.axvline(epoch - 0.5, color="grey", linestyle="--", linewidth=1)
+            axes.annotate(
+                phase, (epoch - 0.5, 1.0), xycoords=("data", "axes fraction"),
+                xytext=(3, -12), textcoords="offset points", fontsize=8, color="grey",
+            )
+        if axes.lines:
+            axes.legend(loc="best")
+    accuracy_axes.set_ylim(-0.02, 1.02)
+    return _save(figure, path)
+
+
+def plot_confusion(confusion: Sequence[Sequence[int]], classes: Sequence[str], path: str | Path) -> Path:
+    """The confusion matrix (rows = true class): colours are row-normalised (recall per class),
+    numbers are counts. Labels stay readable up to about 50 classes."""
+    n = len(classes)
+    counts = [[int(value) for value in row] for row in confusion]
+    if len(counts) != n or any(len(row) != n for row in counts):
+        raise ValueError(f"confusion must be {n}x{n} for {n} classes")
+    normalised = [[value / max(sum(row), 1) for value in row] for row in counts]
+
+    side = min(max(4.0, 0.32 * n + 2.5), 20.0)  # inches: grows with the class count
+    label_size = 9 if n <= 15 else max(4, int(9 - (n - 15) / 7))
+    figure = Figure(figsize=(side + 1.2, side), dpi=_DPI)
+    axes = figure.subplots()
+    image = axes.imshow(normalised, cmap="Blues", vmin=0.0, vmax=1.0)
+    figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04, label="fraction of the true class")
+    axes.set_xticks(range(n), [_shorten(name) for name in classes], rotation=90 if n > 6 and max(map(len, classes)) > 2 else 0, fontsize=label_size)
+    axes.set_yticks(range(n), [_shorten(name) for name in classes], fontsize=label_size)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("true")
+    total = sum(map(sum, counts))
+    correct = sum(counts[i][i] for i in range(n))
+    axes.set_title(f"Confusion matrix: {correct}/{total} correct")
+    if n <= 30:  # beyond that the numbers would overlap; the colours still tell the story
+        number_size = max(5, min(10, int(140 / max(n, 1))))
+        for i, row in enumerate(counts):
+            for j, value in enumerate(row):
+                if value:
+                    colour = "white" if normalised[i][j] > 0.55 else "black"
+                    axes.text(j, i, str(value), ha="center", va="center", fontsize=number_size, color=colour)
+    return _save(figure, path)
+
+
+def _phase_changes(rows: Sequence[dict], epochs: list[float | None]) -> list[tuple[float, str]]:
+    """(epoch, new phase) wherever the ``phase`` column differs from the row before."""
+    changes = []
+    previous = None
+    for epoch, row in zip(epochs, rows):
+        phase = row.get("phase")
+        if phase in (None, ""):
+            continue
+        if previous is not None and phase != previous and epoch is not None:
+            changes.append((epoch, str(phase)))
+        previous = phase
+    return changes
+
+
+def _number(value) -> float | None:
+    if value is None or value == "":
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(number) else number
+
+
+def _shorten(name: str, limit: int = 18) -> str:
+    return name if len(name) <= limit else name[: limit - 1] + "…"
+
+
+def _save(figure: Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(figure)
+    figure.tight_layout()
+    figure.savefig(path, format="png")
+    log.debug("wrote %s", path)
+    return path

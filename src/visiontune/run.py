@@ -1,0 +1,256 @@
+"""The run folder: what a training run leaves behind, and how later commands load it back.
+
+``RUN/`` is self-contained: ``config.yaml`` (resolved TrainConfig), ``classes.json``,
+``preprocessing.json``, ``metrics.csv``, ``best.safetensors``, ``last.ckpt``, ``report.json``,
+``val_predictions.csv``, ``curves.png``, ``confusion.png`` and ``tensorboard/``.
+
+``last.ckpt`` holds everything needed to continue bit for bit (model, optimizer, epoch, step,
+phase, RNG states, config, history) and loads with ``torch.load(weights_only=True)``: it holds
+only tensors and plain Python values, no numpy arrays or pickled objects.
+
+Only the main process writes (:func:`visiontune.device.is_main_process`), so distributed
+training can call the same functions from every rank.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import random
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from visiontune.config import TrainConfig, read_config, save_config
+from visiontune.device import is_main_process
+from visiontune.errors import CheckpointError, ConfigError
+from visiontune.preprocessing import Preprocessing
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.yaml"
+CLASSES_FILE = "classes.json"
+PREPROCESSING_FILE = "preprocessing.json"
+METRICS_FILE = "metrics.csv"
+BEST_WEIGHTS = "best.safetensors"
+LAST_CHECKPOINT = "last.ckpt"
+REPORT_FILE = "report.json"
+VAL_PREDICTIONS_FILE = "val_predictions.csv"
+CURVES_FILE = "curves.png"
+CONFUSION_FILE = "confusion.png"
+TENSORBOARD_DIR = "tensorboard"
+RUN_FILES = (CONFIG_FILE, CLASSES_FILE, PREPROCESSING_FILE, METRICS_FILE, BEST_WEIGHTS, LAST_CHECKPOINT,
+             REPORT_FILE, VAL_PREDICTIONS_FILE, CURVES_FILE, CONFUSION_FILE)
+METRICS_COLUMNS = ("epoch", "phase", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5",
+                   "val_macro_f1", "seconds", "images_per_s")
+
+
+# -- creating the folder -----------------------------------------------------------------------
+
+
+def default_run_dir(model_name: str, root: str | Path = "runs") -> Path:
+    """``runs/<model>-<YYYYmmdd-HHMMSS>`` (``timm:`` and other odd characters become ``-``)."""
+    safe = re.sub(r"[^A-Za-z0-9_.]+", "-", model_name).strip("-") or "model"
+    return Path(root) / f"{safe}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def check_run_dir(path: str | Path, overwrite: bool = False) -> Path:
+    """Refuse a run folder that exists and is not empty, unless ``overwrite``."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"run folder {path} exists and is a file; choose another --out")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise ConfigError(f"run folder {path} already exists; pass --overwrite to replace it, "
+                          f"--resume {path} to continue it, or choose another --out")
+    return path
+
+
+def prepare_run_dir(path: str | Path, overwrite: bool = False) -> Path:
+    """Create the run folder. An existing, non-empty one is refused unless ``overwrite``, and then
+    only visiontune's own files are removed (never anything else a user keeps there)."""
+    path = check_run_dir(path, overwrite)
+    if path.is_dir() and any(path.iterdir()):
+        if is_main_process():
+            for name in RUN_FILES:
+                (path / name).unlink(missing_ok=True)
+            shutil.rmtree(path / TENSORBOARD_DIR, ignore_errors=True)
+    if is_main_process():
+        path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_json(path: Path, value: Any) -> None:
+    if is_main_process():
+        _atomic_text(path, json.dumps(value, indent=2, default=_json_default) + "\n")
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, (np.generic,)):
+        return value.item()
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    from visiontune.checkpoint import atomic_write
+
+    with atomic_write(path) as temporary:
+        Path(temporary).write_text(text)
+
+
+def write_run_header(run_dir: Path, config: TrainConfig, classes: list[str], preprocessing: Preprocessing) -> None:
+    """The files that describe the run before it trains: config, classes, preprocessing."""
+    if not is_main_process():
+        return
+    save_config(config, run_dir / CONFIG_FILE)
+    write_json(run_dir / CLASSES_FILE, list(classes))
+    write_json(run_dir / PREPROCESSING_FILE, preprocessing.to_dict())
+
+
+def write_metrics_csv(run_dir: Path, rows: list[dict]) -> None:
+    """Rewrite metrics.csv from the history kept in the training state (so a resume never doubles rows)."""
+    if not is_main_process():
+        return
+    lines = [",".join(METRICS_COLUMNS)]
+    for row in rows:
+        lines.append(",".join(_csv_cell(row.get(column)) for column in METRICS_COLUMNS))
+    _atomic_text(run_dir / METRICS_FILE, "\n".join(lines) + "\n")
+
+
+def _csv_cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def read_metrics_csv(run_dir: str | Path) -> list[dict]:
+    with open(Path(run_dir) / METRICS_FILE, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def write_val_predictions(run_dir: Path, rows: list[dict]) -> None:
+    """``path,label,predicted,confidence,loss`` per validation image (the best model's)."""
+    if not is_main_process():
+        return
+    from io import StringIO
+
+    buffer = StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=["path", "label", "predicted", "confidence", "loss"], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    _atomic_text(run_dir / VAL_PREDICTIONS_FILE, buffer.getvalue())
+
+
+# -- training state (last.ckpt) -------------------------------------------------------------------
+
+
+def capture_rng_state() -> dict:
+    """torch, CUDA, numpy and Python RNG states as tensors and plain values (weights_only-safe)."""
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(position),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+        "python": random.getstate(),
+    }
+
+
+def restore_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    numpy_state = state["numpy"]
+    np.random.set_state((numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+                         numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+def save_training_state(run_dir: Path, state: dict) -> None:
+    """Write last.ckpt atomically: an interruption leaves the previous complete checkpoint."""
+    if not is_main_process():
+        return
+    from visiontune.checkpoint import atomic_write
+
+    with atomic_write(run_dir / LAST_CHECKPOINT) as temporary:
+        torch.save(state, temporary)
+
+
+def load_training_state(run_dir: str | Path) -> dict:
+    path = Path(run_dir) / LAST_CHECKPOINT
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist; --resume needs a run folder written by 'visiontune train'")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any failure here means the file is not a usable checkpoint
+        raise CheckpointError(f"cannot read {path}: {error}") from None
+
+
+def save_best_weights(run_dir: Path, model: nn.Module) -> None:
+    if is_main_process():
+        from visiontune.checkpoint import save_weights
+
+        save_weights(model, run_dir / BEST_WEIGHTS)
+
+
+# -- loading a finished run -------------------------------------------------------------------
+
+
+@dataclass
+class LoadedRun:
+    """A trained model (in eval mode) with everything needed to use it."""
+
+    model: nn.Module
+    classes: list[str]
+    preprocessing: Preprocessing
+    config: TrainConfig
+    run_dir: Path
+
+
+def load_run(run_dir: str | Path, checkpoint: str = "best", device: str | torch.device = "cpu") -> LoadedRun:
+    """Rebuild the run's model and load ``best.safetensors`` (``checkpoint="best"``) or the model
+    in ``last.ckpt`` (``"last"``)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise ConfigError(f"{run_dir} is not a visiontune run folder (no {CONFIG_FILE}); give the --out of a training run")
+    if checkpoint not in ("best", "last"):
+        raise ConfigError(f"checkpoint must be 'best' or 'last', got {checkpoint!r}")
+    config = read_config(run_dir / CONFIG_FILE)
+    classes = json.loads((run_dir / CLASSES_FILE).read_text())
+    preprocessing = Preprocessing.from_dict(json.loads((run_dir / PREPROCESSING_FILE).read_text()))
+    model = build_run_model(config, len(classes))
+    model.load_state_dict(_run_state_dict(run_dir, checkpoint))
+    model.to(device).eval()
+    return LoadedRun(model, classes, preprocessing, config, run_dir)
+
+
+def build_run_model(config: TrainConfig, num_classes: int) -> nn.Module:
+    """The run's architecture with random weights (the trained ones are loaded on top)."""
+    from visiontune.models import create_model
+
+    return create_model(config.model, num_classes=num_classes, weights=None)
+
+
+def _run_state_dict(run_dir: Path, checkpoint: str) -> dict:
+    if checkpoint == "last":
+        return load_training_state(run_dir)["model"]
+    path = run_dir / BEST_WEIGHTS
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist; the run may not have finished an epoch (try checkpoint='last')")
+    from safetensors.torch import load_file
+
+    return load_file(str(path))

@@ -1,0 +1,108 @@
+"""The pieces of the training engine: schedule, sampler, seeded augmentation, losses, devices, loop."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+import torch
+from torch import nn
+
+from visiontune.device import Precision, default_workers, resolve_precision
+from visiontune.loops import compute_loss, set_train_mode
+from visiontune.schedule import Schedule, build_schedule
+from visiontune.training_setup import EpochSampler, SeededSamples, build_loss
+from visiontune.config import config_from_dict
+
+
+def test_schedule_warms_up_linearly_then_follows_a_cosine_to_zero():
+    schedule = Schedule(total_steps=10, warmup_steps=4)
+    factors = [schedule.factor(step) for step in range(10)]
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert factors[4] == 1.0 and all(a > b for a, b in zip(factors[4:], factors[5:]))
+    assert schedule.factor(10) == pytest.approx(0.0)
+    assert Schedule(total_steps=4).factor(2) == pytest.approx(0.5)
+
+
+def test_warmup_is_capped_at_half_the_phase():
+    assert build_schedule(steps_per_epoch=3, epochs=2, warmup_epochs=5).warmup_steps == 3
+    assert build_schedule(steps_per_epoch=10, epochs=4, warmup_epochs=0.5).warmup_steps == 5
+
+
+def test_epoch_order_depends_only_on_seed_and_epoch():
+    sampler = EpochSampler(10, seed=7)
+    sampler.set_epoch(2)
+    first = list(sampler)
+    torch.manual_seed(123)  # the process's RNG must not matter
+    again = EpochSampler(10, seed=7)
+    again.set_epoch(2)
+    assert list(again) == first
+    assert sorted(index for index, _ in first) == list(range(10))
+    sampler.set_epoch(3)
+    assert list(sampler) != first
+
+
+def test_seeded_samples_repeat_augmentation_and_leave_the_global_rng_alone():
+    class RandomItems(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, index):
+            return torch.rand(3), random.random()
+
+    dataset = SeededSamples(RandomItems())
+    torch.manual_seed(0)
+    random.seed(0)
+    expected_torch, expected_python = torch.rand(1), random.random()
+    torch.manual_seed(0)
+    random.seed(0)
+    first = dataset[(1, 99)]
+    assert (torch.rand(1), random.random()) == (expected_torch, expected_python)
+    second = dataset[(1, 99)]
+    assert torch.equal(first[0], second[0]) and first[1] == second[1]
+    assert not torch.equal(dataset[(1, 100)][0], first[0])
+
+
+def test_balance_weights_classes_by_inverse_frequency():
+    config = config_from_dict({"data": "x", "model": "m", "balance": True})
+    loss = build_loss(config, [0, 0, 0, 1], num_classes=2)
+    assert loss.weight.tolist() == pytest.approx([4 / 6, 2.0])
+    assert build_loss(config_from_dict({"data": "x", "model": "m"}), [0, 1], 2).weight is None
+
+
+def test_auxiliary_classifiers_add_their_weighted_losses():
+    from torchvision.models import GoogLeNetOutputs
+    from torchvision.models.inception import InceptionOutputs
+
+    targets = torch.tensor([0, 1])
+    main, aux1, aux2 = torch.randn(2, 2), torch.randn(2, 2), torch.randn(2, 2)
+    ce = nn.CrossEntropyLoss()
+    googlenet = compute_loss(GoogLeNetOutputs(main, aux2, aux1), targets, ce)
+    assert googlenet == pytest.approx(ce(main, targets) + 0.3 * (ce(aux1, targets) + ce(aux2, targets)))
+    inception = compute_loss(InceptionOutputs(main, aux1), targets, ce)
+    assert inception == pytest.approx(ce(main, targets) + 0.4 * ce(aux1, targets))
+    assert compute_loss(InceptionOutputs(main, None), targets, ce) == pytest.approx(ce(main, targets))
+
+
+def test_train_mode_keeps_frozen_batchnorm_in_eval():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Linear(4, 2), nn.BatchNorm1d(2))
+    for parameter in model[1].parameters():
+        parameter.requires_grad = False
+    set_train_mode(model)
+    assert model.training and not model[1].training and model[3].training
+
+
+def test_cpu_precision_is_fp32_unless_the_cpu_has_native_bf16(monkeypatch):
+    import visiontune.device as device
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: False)
+    assert resolve_precision(cpu).dtype is None
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: True)
+    assert resolve_precision(cpu).dtype is torch.bfloat16
+    assert resolve_precision(cpu, "fp32") == Precision(None)
+
+
+def test_default_workers_leave_a_core_for_training():
+    assert [default_workers(n) for n in (1, 2, 3, 8, 64)] == [0, 1, 2, 4, 4]

@@ -1,0 +1,184 @@
+"""RUN/report.html: every section, every image inlined and decodable, text escaped, offline."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+from conftest import make_image
+from PIL import Image
+
+from visiontune.cli import main
+from visiontune.errors import VisiontuneError
+from visiontune.report_html import write_report
+
+SECTIONS = ("summary", "configuration", "load-report", "curves", "confusion", "per-class", "most-wrong")
+CLASSES = ["cat", "dog", "<b>bird</b>"]  # a name that must be escaped
+
+
+class _Page(HTMLParser):
+    """The sections, images and external references of a page."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.sections: dict[str, str] = {}
+        self.images: list[dict] = []
+        self.external: list[str] = []
+        self.tags: list[str] = []
+        self._section: str | None = None
+        self._text: list[str] = []
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        self.tags.append(tag)
+        if tag == "section":
+            self._section, self._text = attrs["id"], []
+        if tag == "img":
+            self.images.append({**attrs, "section": self._section})
+        for name in ("src", "href"):
+            if name in attrs and not attrs[name].startswith("data:"):
+                self.external.append(attrs[name])
+
+    def handle_endtag(self, tag):
+        if tag == "section":
+            self.sections[self._section] = " ".join(self._text)
+            self._section = None
+
+    def handle_data(self, data):
+        if self._section:
+            self._text.append(data)
+
+
+def _png(path: Path, color=(200, 30, 30), size=(40, 30)) -> Path:
+    Image.new("RGB", size, color).save(path)
+    return path
+
+
+def _fake_run(root: Path, *, wrong: int = 3) -> Path:
+    """A run folder with the files visiontune train writes (format of visiontune.run/artifacts)."""
+    run = root / "run"
+    run.mkdir(parents=True)
+    data = root / "data"
+    (run / "config.yaml").write_text(f"data: {data}\nmodel: resnet18\nweights: init.safetensors\nlr: 0.001\n")
+    (run / "classes.json").write_text(json.dumps(CLASSES))
+    per_class = {name: {"precision": 0.5, "recall": 0.75, "f1": 0.6, "support": 4} for name in CLASSES}
+    report = {"model": "resnet18", "weights": "init.safetensors", "best_val_accuracy": 0.75, "best_epoch": 2,
+              "final": {"accuracy": 0.75, "per_class": per_class, "confusion": [[3, 1, 0], [0, 4, 0], [1, 1, 2]]},
+              "weights_load_report": {"loaded": ["layer1.0.conv1.weight", "fc.weight"],
+                                      "skipped_shape_mismatch": ["fc.bias <mismatch>"], "missing": []}}
+    (run / "report.json").write_text(json.dumps(report))
+    (run / "metrics.csv").write_text("epoch,phase,lr,train_loss,train_acc,val_loss,val_acc\n"
+                                     "1,full,0.001,1.2,0.4,1.1,0.5\n2,full,0.0005,0.8,0.7,0.9,0.75\n")
+    _png(run / "curves.png")
+    _png(run / "confusion.png", (30, 30, 200))
+    rows = []
+    for index in range(6):  # the first `wrong` are misclassified, with increasing loss
+        path = make_image(data / "val" / "cat" / f"img_{index}.png", (220, 30, 30), size=24, noise_seed=index)
+        predicted = CLASSES[2] if index < wrong else "cat"
+        rows.append({"path": str(path.relative_to(data)) if index % 2 else str(path), "label": "cat",
+                     "predicted": predicted, "confidence": 0.9, "loss": float(index)})
+    with open(run / "val_predictions.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["path", "label", "predicted", "confidence", "loss"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return run
+
+
+def _decoded_images(page: _Page) -> list[Image.Image]:
+    images = []
+    for image in page.images:
+        prefix = "data:image/png;base64,"
+        assert image["src"].startswith(prefix)
+        decoded = Image.open(io.BytesIO(base64.b64decode(image["src"][len(prefix):], validate=True)))
+        decoded.load()
+        images.append(decoded)
+    return images
+
+
+def test_report_has_every_section_and_every_image_inlined(tmp_path):
+    run = _fake_run(tmp_path, wrong=3)
+    path = write_report(run)
+    assert path == run / "report.html"
+    text = path.read_text()
+    page = _Page(text)
+
+    assert set(SECTIONS) <= set(page.sections)
+    assert not page.external and "script" not in page.tags and "link" not in page.tags  # opens offline
+    images = _decoded_images(page)
+    by_section = [image["section"] for image in page.images]
+    assert by_section.count("curves") == 1 and by_section.count("confusion") == 1
+    assert by_section.count("most-wrong") == 3  # one thumbnail per misclassified image, nothing else
+    assert images[0].size == (40, 30) and images[1].getpixel((0, 0)) == (30, 30, 200)
+    assert all(image.size == (24, 24) for image in images[2:])
+
+    wrong = page.sections["most-wrong"]
+    assert "3 of 6" in wrong and "img_2.png" in wrong and "img_4.png" not in wrong
+    assert wrong.index("img_2.png") < wrong.index("img_0.png")  # highest loss first
+    assert "true: cat" in wrong and "predicted: <b>bird</b>" in wrong  # parsed text = the raw label
+    assert "<b>bird</b>" not in text and "&lt;b&gt;bird&lt;/b&gt;" in text  # ... because it was escaped
+    assert "model: resnet18" in page.sections["configuration"]
+    assert "fc.bias <mismatch>" in page.sections["load-report"]
+    per_class = page.sections["per-class"]
+    assert all(name in per_class for name in CLASSES) and "0.75" in per_class and "precision" in per_class
+    assert "best_val_accuracy" in page.sections["summary"]
+    assert "not available" not in text
+
+
+def test_missing_files_say_not_available_and_plots_are_redrawn_from_data(tmp_path):
+    run = _fake_run(tmp_path)
+    for name in ("curves.png", "confusion.png"):
+        (run / name).unlink()
+    page = _Page(write_report(run).read_text())
+    # re-plotted from metrics.csv and report.json's confusion matrix
+    assert [image["section"] for image in page.images][:2] == ["curves", "confusion"]
+    assert len(_decoded_images(page)) == 5
+
+    for name in ("report.json", "metrics.csv", "val_predictions.csv"):
+        (run / name).unlink()
+    page = _Page(write_report(run).read_text())
+    assert set(SECTIONS) <= set(page.sections) and not page.images
+    for section in ("summary", "load-report", "curves", "confusion", "per-class", "most-wrong"):
+        assert "not available" in page.sections[section], section
+    assert "not available" not in page.sections["configuration"]
+
+
+def test_a_run_with_builtin_weights_and_no_mistakes(tmp_path):
+    run = _fake_run(tmp_path, wrong=0)
+    report = json.loads((run / "report.json").read_text())
+    report["weights_load_report"], report["weights"] = None, "DEFAULT"
+    (run / "report.json").write_text(json.dumps(report))
+    page = _Page(write_report(run).read_text())
+    assert "no weights file was loaded" in page.sections["load-report"]
+    assert "All 6 validation images were classified correctly" in page.sections["most-wrong"]
+
+
+def test_missing_thumbnail_files_are_named_not_fatal(tmp_path):
+    run = _fake_run(tmp_path, wrong=2)
+    for image in (tmp_path / "data").rglob("*.png"):
+        image.unlink()
+    page = _Page(write_report(run).read_text())
+    assert "image not found" in page.sections["most-wrong"] and "img_1.png" in page.sections["most-wrong"]
+    assert len(page.images) == 2  # only the two plots
+
+
+def test_not_a_run_folder_is_a_user_error(tmp_path):
+    with pytest.raises(VisiontuneError, match="not a visiontune run folder"):
+        write_report(tmp_path)
+    with pytest.raises(VisiontuneError, match="not a visiontune run folder"):
+        write_report(tmp_path / "nowhere")
+
+
+def test_cli_report(tmp_path, capsys):
+    run = _fake_run(tmp_path)
+    out = tmp_path / "elsewhere.html"
+    assert main(["report", "--run", str(run), "--out", str(out), "--max-wrong", "1"]) == 0
+    assert str(out) in capsys.readouterr().out
+    assert len(_Page(out.read_text()).images) == 3
+    assert main(["report", "--run", str(tmp_path / "missing")]) == 2
+    assert "not a visiontune run folder" in capsys.readouterr().err
