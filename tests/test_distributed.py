@@ -316,13 +316,11 @@ def test_sync_bn_needs_cuda():
         distributed.convert_sync_batchnorm(nn.BatchNorm2d(2), "cpu")
 
 
-def test_torchrun_command_strips_nproc_so_workers_do_not_relaunch():
-    command = distributed.torchrun_command(2, ["train", "data", "--nproc", "2", "--epochs", "1", "--nproc=2"])
-    assert command[:3] == [sys.executable, "-m", "torch.distributed.run"]
-    assert "--nproc_per_node=2" in command
-    assert command[command.index("visiontune") + 1:] == ["train", "data", "--epochs", "1"]
+def test_torchrun_arguments_strip_nproc_so_workers_do_not_relaunch():
+    arguments = distributed.torchrun_arguments(2, ["train", "data", "--nproc", "2", "--epochs", "1", "--nproc=2"])
+    assert arguments == ["--standalone", "--nproc_per_node=2", "-m", "visiontune", "train", "data", "--epochs", "1"]
     with pytest.raises(ConfigError):
-        distributed.torchrun_command(0, ["train"])
+        distributed.torchrun_arguments(0, ["train"])
 
 
 # -- a failing rank ends the whole torchrun job -------------------------------------------------
@@ -345,3 +343,130 @@ def test_a_failing_rank_ends_the_torchrun_job_with_its_error(tmp_path):
     finished = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
     assert finished.returncode != 0
     assert "rank 1 broke on purpose" in finished.stdout + finished.stderr
+
+
+# -- through the real engine: torchrun -m visiontune train ----------------------------------------
+
+# Head-only training with frozen BatchNorm and no augmentation: one process and two must agree.
+# 24 training images = 3 global batches of 8; 9 validation images (odd) for the shards.
+ENGINE_RECIPE = ["--model", "resnet18", "--weights", "none", "--image-size", "32", "--batch-size", "8",
+                 "--workers", "0", "--seed", "0", "--device", "cpu", "--strategy", "linear-probe",
+                 "--augment", "none", "--epochs", "2", "--lr", "0.01", "--warmup-epochs", "0"]
+TIMING_COLUMNS = ("seconds", "images_per_s")
+
+# Rank 1 is killed (SIGKILL: no Python clean-up at all) as it starts its second epoch, after the
+# first epoch's checkpoint is complete.
+KILL_RANK_1_IN_EPOCH_2 = """
+    import os, signal, sys
+    from visiontune import engine
+    from visiontune.cli import main
+
+    original, calls = engine.train_one_epoch, []
+
+    def train_one_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2 and os.environ["RANK"] == "1":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(*args, **kwargs)
+
+    engine.train_one_epoch = train_one_epoch
+    sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    import visiontune
+
+    source = str(Path(visiontune.__file__).parents[1])  # the package under test, installed or not
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [source, os.environ.get("PYTHONPATH")]))}
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
+
+
+def _torchrun(*arguments: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}", *arguments]
+
+
+@pytest.fixture(scope="module")
+def engine_runs(tmp_path_factory) -> dict:
+    """One single-process run, one straight two-process run, and one two-process run whose rank 1
+    is killed in epoch 2 and which is then resumed with ``visiontune train --nproc 2 --resume``."""
+    from conftest import make_image_folder
+    from visiontune.cli import main
+
+    root = tmp_path_factory.mktemp("engine")
+    data = make_image_folder(root / "data", per_class=8, val_per_class=3)
+    recipe = ["train", "--data", str(data), *ENGINE_RECIPE, "--quiet"]
+    assert main([*recipe, "--out", str(root / "one")]) == 0
+    straight = _run(_torchrun("-m", "visiontune", *recipe[:-1], "--out", "two"), cwd=root)
+    script = root / "kill_rank_1.py"
+    script.write_text(textwrap.dedent(KILL_RANK_1_IN_EPOCH_2))
+    killed = _run(_torchrun(str(script), *recipe, "--out", "killed"), cwd=root)
+    killed_state = torch.load(root / "killed" / "last.ckpt", weights_only=True)
+    resumed = _run([sys.executable, "-m", "visiontune", "train", "--nproc", str(WORLD), "--resume", "killed"], cwd=root)
+    return {"root": root, "straight": straight, "killed": killed, "killed_epoch": killed_state["epoch"],
+            "resumed": resumed}
+
+
+def _final_weights(run_dir: Path) -> dict:
+    return torch.load(run_dir / "last.ckpt", weights_only=True)["model"]
+
+
+def _max_difference(first: dict, second: dict) -> float:
+    assert first.keys() == second.keys()
+    return max((first[key].double() - second[key].double()).abs().max().item() for key in first)
+
+
+def _csv_rows(path: Path) -> list[dict]:
+    import csv
+
+    return list(csv.DictReader(open(path)))
+
+
+@pytest.mark.slow
+def test_torchrun_engine_run_trains_the_same_weights_and_metrics_as_one_process(engine_runs):
+    root, straight = engine_runs["root"], engine_runs["straight"]
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    assert _max_difference(_final_weights(root / "one"), _final_weights(root / "two")) <= 1e-5
+    one_rows, two_rows = _csv_rows(root / "one" / "metrics.csv"), _csv_rows(root / "two" / "metrics.csv")
+    assert len(one_rows) == len(two_rows) == 2
+    for one, two in zip(one_rows, two_rows):
+        for column in one:
+            if column in ("epoch", "phase", "val_acc", "train_acc", "val_macro_f1"):
+                assert one[column] == two[column], column  # counts over all 24 / 9 images, reduced
+            elif column not in TIMING_COLUMNS and one[column]:
+                assert float(one[column]) == pytest.approx(float(two[column]), rel=1e-4), column
+    # every validation image exactly once, in order, with the same prediction
+    one_predictions = _csv_rows(root / "one" / "val_predictions.csv")
+    two_predictions = _csv_rows(root / "two" / "val_predictions.csv")
+    assert len(two_predictions) == 9
+    assert [(row["path"], row["predicted"]) for row in one_predictions] == \
+           [(row["path"], row["predicted"]) for row in two_predictions]
+    import json
+
+    one_final = json.loads((root / "one" / "report.json").read_text())["final"]
+    two_final = json.loads((root / "two" / "report.json").read_text())["final"]
+    assert two_final["num_images"] == 9
+    assert (two_final["confusion"], two_final["accuracy"]) == (one_final["confusion"], one_final["accuracy"])
+
+
+@pytest.mark.slow
+def test_only_rank_0_prints_and_writes_one_run_folder(engine_runs):
+    root, straight = engine_runs["root"], engine_runs["straight"]
+    assert straight.stdout.count("run folder:") == 1
+    assert straight.stdout.count("epoch   1/2") == 1
+    assert sorted(path.name for path in root.iterdir()) == ["data", "kill_rank_1.py", "killed", "one", "two"]
+    one_files = sorted(path.name for path in (root / "one").iterdir())
+    assert sorted(path.name for path in (root / "two").iterdir()) == one_files  # no temporary leftovers
+
+
+@pytest.mark.slow
+def test_a_killed_rank_ends_the_job_and_the_run_resumes_with_nproc(engine_runs):
+    root, killed, resumed = engine_runs["root"], engine_runs["killed"], engine_runs["resumed"]
+    assert killed.returncode != 0
+    assert "SIGKILL" in killed.stderr  # torchrun names the failed process and why
+    assert engine_runs["killed_epoch"] == 1  # the complete checkpoint of the epoch before
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.stdout.count("run folder:") == 1
+    assert torch.load(root / "killed" / "last.ckpt", weights_only=True)["epoch"] == 2
+    assert _max_difference(_final_weights(root / "killed"), _final_weights(root / "two")) <= 1e-6

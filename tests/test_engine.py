@@ -106,3 +106,25 @@ def test_cpu_precision_is_fp32_unless_the_cpu_has_native_bf16(monkeypatch):
 
 def test_default_workers_leave_a_core_for_training():
     assert [default_workers(n) for n in (1, 2, 3, 8, 64)] == [0, 1, 2, 4, 4]
+
+
+@pytest.mark.slow
+def test_patience_stops_a_run_that_no_longer_improves(tmp_path):
+    import csv
+    import json
+
+    from conftest import make_image_folder
+    from visiontune.engine import train
+
+    data = make_image_folder(tmp_path / "data", per_class=4, val_per_class=2)
+    # A learning rate this small leaves the predictions, hence the accuracy, unchanged: epoch 2
+    # does not improve on epoch 1, so patience 1 stops there.
+    config = config_from_dict({"data": str(data), "model": "mobilenet_v3_small", "weights": "none",
+                               "strategy": "linear-probe", "epochs": 5, "patience": 1, "lr": 1e-12,
+                               "image_size": 32, "batch_size": 8, "workers": 0, "device": "cpu",
+                               "out": str(tmp_path / "run")})
+    result = train(config)
+    assert (result.epochs_completed, result.stopped_early, result.best_epoch) == (2, True, 1)
+    assert len(list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))) == 2
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["stopped_early"] is True and report["epochs_planned"] == 5

@@ -58,12 +58,13 @@ def test_round_trip_with_dynamic_batch(tmp_path, format):
         for size in (1, 2, 5):  # sizes it was neither exported nor verified with
             assert torch.allclose(run(inputs[:size]), model(inputs[:size]), atol=1e-4)
     assert model(inputs).shape == (5, 4) and not model.training
+    if format == "onnx":
+        _assert_symbolic_batch_input(path)
 
 
-def test_onnx_graph_has_named_symbolic_batch_input(tmp_path):
+def _assert_symbolic_batch_input(path):
     import onnx
 
-    path = export_model(_tiny_model(), tmp_path / "m.onnx", "onnx", torch.randn(2, 3, 12, 12))
     graph = onnx.load(str(path)).graph
     (graph_input,), (graph_output,) = graph.input, graph.output
     dims = graph_input.type.tensor_type.shape.dim
@@ -72,7 +73,7 @@ def test_onnx_graph_has_named_symbolic_batch_input(tmp_path):
     assert [d.dim_value for d in dims[1:]] == [3, 12, 12]
 
 
-@pytest.mark.parametrize("format", FORMATS)
+@pytest.mark.parametrize("format", ["torchscript"])  # the wrapper is the same for ONNX; spare a slow export
 def test_a_model_with_auxiliary_outputs_exports_its_main_logits(tmp_path, format):
     model = _AuxModel().eval()
     path = export_model(model, tmp_path / "aux", format, torch.randn(2, 3, 12, 12))
@@ -81,7 +82,7 @@ def test_a_model_with_auxiliary_outputs_exports_its_main_logits(tmp_path, format
     assert verify_export(model, path, format, images).passed
 
 
-@pytest.mark.parametrize("format", FORMATS)
+@pytest.mark.parametrize("format", ["torchscript"])
 def test_a_file_that_does_not_match_fails_verification(tmp_path, format):
     path = export_model(_tiny_model(0), tmp_path / "m", format, torch.randn(2, 3, 12, 12))
     check = verify_export(_tiny_model(5), path, format, torch.randn(3, 3, 12, 12))
@@ -164,11 +165,22 @@ def test_cli_export_without_the_data_uses_random_inputs_and_says_so(tiny_run, tm
 
 
 @pytest.mark.slow
-def test_cli_export_fails_above_the_tolerance(tiny_run, tmp_path, capsys):
+def test_cli_export_fails_above_the_tolerance_and_removes_the_file(tiny_run, tmp_path, capsys, monkeypatch):
+    import visiontune.export as export
+
     _, run_dir = tiny_run
+    original = export.load_exported
+
+    def off_by_a_little(path, format):  # an exported file whose logits are 0.01 off
+        run = original(path, format)
+        return lambda batch: run(batch) + 0.01
+
+    monkeypatch.setattr(export, "load_exported", off_by_a_little)
     out = tmp_path / "m.pt"
-    assert main(["export", "--run", str(run_dir), "--format", "torchscript", "--out", str(out),
-                 "--tolerance", "1e-30"]) == 2
+    assert main(["export", "--run", str(run_dir), "--format", "torchscript", "--out", str(out)]) == 2
     error = capsys.readouterr().err
-    # a traced model is bit-identical more often than not; then the check passes even at 1e-30
-    assert "differs from PyTorch" in error and not out.exists() or error == ""
+    assert "differs from PyTorch by up to 0.01" in error and "tolerance 0.001" in error
+    assert not out.exists() and not out.with_name("m.pt.json").exists()
+    assert main(["export", "--run", str(run_dir), "--format", "torchscript", "--out", str(out),
+                 "--tolerance", "0.02"]) == 0
+    assert out.exists()

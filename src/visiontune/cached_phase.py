@@ -78,7 +78,7 @@ class PhaseInputs:
         return inputs
 
     def _prepare(self, phase_index: int) -> EpochInputs | None:
-        setup, phase = self.setup, self.setup.phases[phase_index]
+        phase = self.setup.phases[phase_index]
         plan = self._plan()
         if plan.enabled:
             try:

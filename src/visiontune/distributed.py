@@ -117,7 +117,11 @@ def rank() -> int:
 
 
 def is_main_process() -> bool:
-    return rank() == 0
+    """Rank 0, the one process that prints and writes. Before the group is joined, torchrun's
+    RANK says (so the CLI can decide what to print before training starts)."""
+    if is_distributed():
+        return rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def device_for_rank(device: torch.device | str) -> torch.device:
@@ -198,6 +202,22 @@ def on_main_process(function: Callable[..., T], *args, **kwargs) -> T:
     if not ok:
         raise value
     return value
+
+
+def main_process_first(function: Callable[..., T], *args, **kwargs) -> T:
+    """Run ``function`` on the main process, then, once it has succeeded, on the others; each
+    process returns its own result. E.g. reading ``last.ckpt``: rank 0 confirms it is there and
+    readable before anyone else opens it, and if not, every process raises rank 0's error."""
+    result, failure = None, None
+    if is_main_process():
+        try:
+            result = function(*args, **kwargs)
+        except VisiontuneError as error:
+            failure = error
+    failure = broadcast_object(failure)
+    if failure is not None:
+        raise failure
+    return result if is_main_process() else function(*args, **kwargs)
 
 
 def broadcast_object(value: Any, src: int = 0) -> Any:
@@ -420,17 +440,26 @@ def strip_nproc(argv: Sequence[str]) -> list[str]:
     return stripped
 
 
-def torchrun_command(nproc: int, argv: Sequence[str]) -> list[str]:
-    """The torchrun command that runs ``python -m visiontune <argv>`` in ``nproc`` local processes."""
+def torchrun_arguments(nproc: int, argv: Sequence[str]) -> list[str]:
+    """torchrun's arguments for running ``python -m visiontune <argv>`` in ``nproc`` local processes."""
     if nproc < 1:
         raise ConfigError(f"--nproc {nproc}: need at least 1 process")
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "visiontune", *strip_nproc(argv)]
+    return ["--standalone", f"--nproc_per_node={nproc}", "-m", "visiontune", *strip_nproc(argv)]
 
 
 def launch_local(nproc: int, argv: Sequence[str]) -> int:
-    """Run ``visiontune <argv>`` as ``nproc`` processes on this machine under torchrun; returns
-    torchrun's exit status (non-zero when any process failed: torchrun then stops the others)."""
-    command = torchrun_command(nproc, argv)
-    logger.info("launching: %s", " ".join(command))
-    return subprocess.run(command, check=False).returncode
+    """Run ``visiontune <argv>`` as ``nproc`` processes on this machine under torchrun (in this
+    process: no extra interpreter start). Returns the exit status: 0, or the first failed
+    process's (torchrun has then stopped the others and printed that process's error)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun_main
+
+    arguments = torchrun_arguments(nproc, argv)
+    logger.info("running: torchrun %s", " ".join(arguments))
+    try:
+        torchrun_main(arguments)
+    except ChildFailedError as error:
+        failed_rank, failure = error.get_first_failure()
+        logger.error("process %d of %d failed (exit code %s)", failed_rank, nproc, failure.exitcode)
+        return failure.exitcode if failure.exitcode > 0 else 1
+    return 0

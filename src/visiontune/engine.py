@@ -141,7 +141,8 @@ def fit(setup: TrainingSetup, state: dict, run_dir: Path, reporter: Reporter) ->
     if scaler is not None and "scaler" in state:
         scaler.load_state_dict(state["scaler"])
     tensorboard = TensorBoardLog(run_dir)
-    stopped_early = state.get("stopped_early", False)
+    # Recomputed rather than read back, so a resume with a larger --patience can continue.
+    stopped_early = 0 < config.patience <= state["epochs_without_improvement"]
     try:
         while state["epoch"] < config.epochs and not stopped_early:
             epoch = state["epoch"]

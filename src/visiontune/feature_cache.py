@@ -26,8 +26,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,12 +35,17 @@ import torch
 import torch.utils.data
 from torch import nn
 
+from visiontune.feature_store import (
+    CACHE_FORMAT_VERSION,
+    CachedFeatures,
+    allocate_features,
+    cache_root,
+    load_cached_features,
+    publish_entry,
+)
+
 log = logging.getLogger(__name__)
 
-CACHE_ENV = "VISIONTUNE_CACHE"
-DEFAULT_CACHE_DIR = Path("~/.cache/visiontune")
-MEMORY_FRACTION = 0.25  # of the RAM available now: the rest is for decoded images, the model and workers
-CACHE_FORMAT_VERSION = 1  # bump when the on-disk layout changes, so old entries are not read
 STORES = ("auto", "memory", "disk")
 
 
@@ -68,12 +71,6 @@ class CachePlan:
 
 def _off(reason: str) -> CachePlan:
     return CachePlan("off", 0, reason)
-
-
-def cache_root(cache_dir: str | Path | None = None) -> Path:
-    """The cache folder: ``cache_dir``, else ``$VISIONTUNE_CACHE``, else ``~/.cache/visiontune``."""
-    chosen = cache_dir or os.environ.get(CACHE_ENV) or DEFAULT_CACHE_DIR
-    return Path(chosen).expanduser()
 
 
 def plan_feature_cache(
@@ -108,10 +105,11 @@ def plan_feature_cache(
     training_bn = _backbone_batchnorm_in_training(model, head, set_train_mode)
     if training_bn:
         return _off(f"batch norm {training_bn} in the frozen backbone uses batch statistics in training mode")
+    note = _dropout_note(model, head)
     if deterministic_transform:
-        return CachePlan("features", 1, "only the head trains and the training transform is deterministic")
+        return CachePlan("features", 1, "only the head trains and the training transform is deterministic" + note)
     if views > 0:
-        return CachePlan("views", views, f"only the head trains; caching {views} augmented view(s) per image")
+        return CachePlan("views", views, f"only the head trains; caching {views} augmented view(s) per image" + note)
     return _off("the training transform is random; set cache_views=K to cache K augmented views per image, "
                 "or augment='none'")
 
@@ -131,6 +129,17 @@ def _backbone_batchnorm_in_training(model: nn.Module, head: nn.Module, set_train
     finally:
         for module, mode in was_training.items():
             module.training = mode
+
+
+def _dropout_note(model: nn.Module, head: nn.Module) -> str:
+    """Features are computed in eval mode, as a linear probe's are: say so when the model would
+    drop out activations before its head while training (timm's ``drop_rate``, Dropout modules)."""
+    head_modules = set(head.modules())
+    dropouts = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0
+                and m not in head_modules]
+    if dropouts or float(getattr(model, "drop_rate", 0.0) or 0.0) > 0:
+        return " (features come from the backbone in eval mode, without the dropout before the head)"
+    return ""
 
 
 @contextlib.contextmanager
@@ -153,9 +162,9 @@ def capture_head_input(model: nn.Module) -> Iterator[dict]:
         handle.remove()
 
 
-def check_head_reproduces_output(model: nn.Module, images: torch.Tensor, features: torch.Tensor,
-                                 output) -> None:
-    """Raise HeadNotReproducible unless ``head(features)`` equals the model's ``output`` on ``images``."""
+def check_head_reproduces_output(model: nn.Module, features: torch.Tensor, output) -> None:
+    """Raise HeadNotReproducible unless ``head(features)`` equals ``output``, the model's output
+    whose head input was ``features``."""
     from visiontune.heads import find_head
 
     head_name, head = find_head(model)
@@ -166,42 +175,6 @@ def check_head_reproduces_output(model: nn.Module, images: torch.Tensor, feature
     if from_head.shape != output.shape or not torch.allclose(from_head, output, rtol=1e-4, atol=1e-5):
         raise HeadNotReproducible(
             f"{head_name}(features) does not reproduce the model's output (operations follow the head)")
-
-
-@dataclass
-class CachedFeatures:
-    """The backbone's output for every sample: ``features[view, i]`` and ``labels[i]``."""
-
-    features: torch.Tensor | np.ndarray  # (views, N, *feature_shape) float32; ndarray when memory-mapped
-    labels: torch.Tensor  # int64 (N,)
-    location: str  # "memory" or the cache folder it lives in
-
-    @property
-    def views(self) -> int:
-        return int(self.features.shape[0])
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
-    def dataset(self, epoch: int = 0) -> torch.utils.data.Dataset:
-        """``(features, label)`` pairs of the view that ``epoch`` trains on (``epoch % views``)."""
-        view = epoch % self.views
-        if isinstance(self.features, torch.Tensor):
-            return torch.utils.data.TensorDataset(self.features[view], self.labels)
-        return _MappedFeatures(self.features, view, self.labels)
-
-
-class _MappedFeatures(torch.utils.data.Dataset):
-    """One view of memory-mapped features: rows are read from the page cache on access."""
-
-    def __init__(self, features: np.ndarray, view: int, labels: torch.Tensor):
-        self.features, self.view, self.labels = features, view, labels
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
-    def __getitem__(self, index: int):
-        return torch.from_numpy(np.array(self.features[self.view, index])), self.labels[index]
 
 
 def feature_cache_key(model: nn.Module, samples: Iterable, *, transform_description: str, views: int,
@@ -258,13 +231,14 @@ def build_feature_cache(
         log.info("feature cache hit: %s", entry)
         return load_cached_features(entry)
     device = torch.device(device)
-    was_training = model.training
+    was_training = {module: module.training for module in model.modules()}
     model.eval()  # dropout and stochastic depth off: the backbone is a fixed function
     try:
         with capture_head_input(model) as captured:
             return _extract(model, dataset, captured, views, batch_size, num_workers, device, entry, store, seed)
     finally:
-        model.train(was_training)
+        for module, mode in was_training.items():
+            module.training = mode
 
 
 def _extract(model, dataset, captured, views, batch_size, num_workers, device, entry, store, seed) -> CachedFeatures:
@@ -278,8 +252,9 @@ def _extract(model, dataset, captured, views, batch_size, num_workers, device, e
                 output = model(images.to(device, non_blocking=True))
             batch_features = captured["features"].float().cpu()
             if features is None:
-                check_head_reproduces_output(model, images, captured["features"], output)
-                features, staging = _allocate(views, len(dataset), tuple(batch_features.shape[1:]), entry, store)
+                check_head_reproduces_output(model, captured["features"], output)
+                feature_shape = tuple(batch_features.shape[1:])
+                features, staging = allocate_features(views, len(dataset), feature_shape, entry, store)
             features[view, start:start + len(targets)] = batch_features.numpy() if staging else batch_features
             labels[start:start + len(targets)] = torch.as_tensor(targets)
             start += len(targets)
@@ -291,8 +266,9 @@ def _extract(model, dataset, captured, views, batch_size, num_workers, device, e
     features.flush()
     del features  # close the memory map before the folder moves
     np.save(staging / "labels.npy", labels.numpy(), allow_pickle=False)
-    (staging / "meta.json").write_text(json.dumps({"version": CACHE_FORMAT_VERSION, "views": views, "count": len(labels)}))
-    _publish(staging, entry)
+    meta = {"version": CACHE_FORMAT_VERSION, "views": views, "count": len(labels)}
+    (staging / "meta.json").write_text(json.dumps(meta))
+    publish_entry(staging, entry)
     return load_cached_features(entry)
 
 
@@ -307,40 +283,3 @@ def _ordered_batches(dataset, batch_size: int, num_workers: int, seed: int):
         yield from loader
 
 
-def _allocate(views: int, count: int, feature_shape: tuple, entry: Path | None, store: str):
-    """A (views, count, *feature_shape) float32 buffer: a tensor in memory, or a .npy memory map
-    in a staging folder beside ``entry``; returns ``(buffer, staging folder or None)``."""
-    from visiontune.data.cache import available_memory_bytes
-
-    shape = (views, count, *feature_shape)
-    needed = int(np.prod(shape)) * 4
-    budget = int(available_memory_bytes() * MEMORY_FRACTION)
-    if store == "memory" or (store == "auto" and (needed <= budget or entry is None)):
-        if store == "auto" and needed > budget:
-            log.warning("features need %.0f MiB, over the %.0f MiB budget, but without a key they stay in memory",
-                        needed / 2**20, budget / 2**20)
-        return torch.empty(shape, dtype=torch.float32), None
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=entry.parent))
-    log.info("feature cache: %.0f MiB of features go to disk at %s", needed / 2**20, entry)
-    return np.lib.format.open_memmap(staging / "features.npy", mode="w+", dtype=np.float32, shape=shape), staging
-
-
-def _publish(staging: Path, entry: Path) -> None:
-    """Move a complete staging folder into place; if another process won the race, keep theirs."""
-    try:
-        os.replace(staging, entry)
-    except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
-        if not (entry / "meta.json").is_file():
-            raise
-
-
-def load_cached_features(entry: Path) -> CachedFeatures:
-    """Memory-map a cache entry written by :func:`build_feature_cache`."""
-    meta = json.loads((entry / "meta.json").read_text())
-    if meta.get("version") != CACHE_FORMAT_VERSION:
-        raise ValueError(f"feature cache {entry} has format {meta.get('version')}, expected {CACHE_FORMAT_VERSION}")
-    features = np.load(entry / "features.npy", mmap_mode="r", allow_pickle=False)
-    labels = torch.from_numpy(np.load(entry / "labels.npy", allow_pickle=False))
-    return CachedFeatures(features, labels, str(entry))

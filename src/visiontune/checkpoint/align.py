@@ -129,7 +129,7 @@ def _same_roles(target: Unit, source: Unit) -> bool:
 
 def align_units(target_units: list[Unit], source_units: list[Unit]) -> Plan:
     fits = _Compatibility()
-    anchors = certain_pairs(target_units, source_units, fits)
+    anchors = extend_to_siblings(certain_pairs(target_units, source_units, fits), target_units, source_units, fits)
     plan = Plan()
     unit_pairs = list(anchors)
     mismatched_pairs: list[tuple[int, int]] = []
@@ -223,6 +223,45 @@ def _alignment_table(matrix: list[list[bool]], n: int, m: int) -> tuple[list[lis
                 total -= cabove[j - 1]
             row[j], crow[j] = best, total
     return score, count
+
+
+def extend_to_siblings(pairs, target_units: list[Unit], source_units: list[Unit], fits) -> list[tuple[int, int]]:
+    """Grow accepted pairs into their neighbours when module boundaries settle what order could not.
+
+    A conv's BatchNorm is the next unit inside the same parent module (``conv3.conv`` -> ``conv3.bn``
+    in timm, ``f.c.0`` -> ``f.c.1`` in torchvision). When the units next to an accepted pair are
+    such siblings on both sides, fit each other, and no other unpaired sibling could take either
+    one, they are paired too.
+    """
+    paired_targets = dict(pairs)
+    paired_sources = {s: t for t, s in pairs}
+    frontier = list(pairs)
+    while frontier:
+        t, s = frontier.pop()
+        for step in (1, -1):
+            nt, ns = t + step, s + step
+            if not (0 <= nt < len(target_units) and 0 <= ns < len(source_units)):
+                continue
+            if nt in paired_targets or ns in paired_sources or not fits(target_units[nt], source_units[ns]):
+                continue
+            target_siblings = _unpaired_siblings(t, target_units, paired_targets)
+            source_siblings = _unpaired_siblings(s, source_units, paired_sources)
+            if [c for c in target_siblings if fits(target_units[c], source_units[ns])] != [nt]:
+                continue
+            if [c for c in source_siblings if fits(target_units[nt], source_units[c])] != [ns]:
+                continue
+            paired_targets[nt], paired_sources[ns] = ns, nt
+            frontier.append((nt, ns))
+    return sorted(paired_targets.items())
+
+
+def _unpaired_siblings(index: int, units: list[Unit], paired: dict[int, int]) -> list[int]:
+    parent = _parent(units[index].module)
+    return [i for i, unit in enumerate(units) if i != index and i not in paired and _parent(unit.module) == parent]
+
+
+def _parent(module: str) -> str:
+    return module.rpartition(".")[0]
 
 
 def _unique_pairs(gap_targets, gap_sources, target_units, source_units, fits) -> list[tuple[int, int]]:

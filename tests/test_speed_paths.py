@@ -1,0 +1,46 @@
+"""The fast paths keep the results: a frozen prefix stores no activations, and a training run
+whose head learns on cached features ends with the same weights as one that forwards every image."""
+
+from __future__ import annotations
+
+import torch
+import torchvision
+from torch import nn
+
+from visiontune.frozen_prefix import saved_activation_bytes
+
+
+def resnet_training_only(prefixes: tuple[str, ...]) -> nn.Module:
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None, num_classes=3)
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad = name.startswith(prefixes)
+    return model.train()
+
+
+def test_a_frozen_prefix_saves_nothing_for_backward():
+    images = torch.randn(2, 3, 32, 32)
+    partial = resnet_training_only(("layer4.", "fc."))
+    _, partial_bytes = saved_activation_bytes(lambda: partial(images), ignore=partial.parameters())
+
+    def suffix_after_no_grad_prefix():
+        with torch.no_grad():
+            features = partial.layer3(partial.layer2(partial.layer1(
+                partial.maxpool(partial.relu(partial.bn1(partial.conv1(images)))))))
+        return partial.fc(torch.flatten(partial.avgpool(partial.layer4(features)), 1))
+
+    _, explicit_bytes = saved_activation_bytes(suffix_after_no_grad_prefix, ignore=partial.parameters())
+    assert partial_bytes == explicit_bytes > 0
+
+    full = resnet_training_only(("",))
+    _, full_bytes = saved_activation_bytes(lambda: full(images), ignore=full.parameters())
+    assert full_bytes > 3 * partial_bytes
+
+
+def test_saved_bytes_count_each_storage_once_and_skip_ignored_tensors():
+    weight = torch.randn(4, 4, requires_grad=True)
+    inputs = torch.randn(3, 4)
+    _, counted = saved_activation_bytes(lambda: (inputs @ weight) @ weight)
+    assert counted == inputs.nbytes + weight.nbytes + 3 * 4 * 4  # inputs, weight once, the hidden product
+    _, without_weight = saved_activation_bytes(lambda: (inputs @ weight) @ weight, ignore=[weight])
+    assert without_weight == counted - weight.nbytes

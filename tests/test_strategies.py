@@ -1,0 +1,110 @@
+"""Each strategy's trainable parameters, phases and learning rates (mobilenet_v3_small, weights=None)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from visiontune.config import config_from_dict
+from visiontune.loops import set_train_mode
+from visiontune.strategies import apply_phase, build_optimizer, plan_phases
+
+MODEL = "mobilenet_v3_small"
+LR = 0.01
+
+
+def setup(strategy: str, **values):
+    from visiontune.models import create_model
+
+    config = config_from_dict({"data": "x", "model": MODEL, "strategy": strategy, "lr": LR, "epochs": 3, **values})
+    torch.manual_seed(0)
+    return config, create_model(MODEL, num_classes=3, weights=None), plan_phases(config)
+
+
+def head_parameters(model) -> set[str]:
+    from visiontune.heads import head_names
+
+    prefixes = tuple(f"{name}." for name in head_names(model))
+    return {name for name, _ in model.named_parameters() if name.startswith(prefixes)}
+
+
+def lr_by_parameter(model, optimizer) -> dict[str, float]:
+    names = {id(p): name for name, p in model.named_parameters()}
+    return {names[id(p)]: group["peak_lr"] for group in optimizer.param_groups for p in group["params"]}
+
+
+def trainable(model) -> set[str]:
+    return {name for name, p in model.named_parameters() if p.requires_grad}
+
+
+def test_linear_probe_trains_the_head_alone_at_lr():
+    config, model, phases = setup("linear-probe")
+    assert [(p.name, p.start_epoch, p.end_epoch) for p in phases] == [("head", 0, 3)]
+    names = apply_phase(model, phases[0])
+    assert set(names) == trainable(model) == head_parameters(model)
+    optimizer = build_optimizer(model, phases[0], config)
+    assert set(lr_by_parameter(model, optimizer).values()) == {LR}
+    assert set(lr_by_parameter(model, optimizer)) == head_parameters(model)
+
+
+def test_full_trains_everything_with_a_ten_times_faster_head_and_no_decay_on_norms():
+    config, model, phases = setup("full")
+    apply_phase(model, phases[0])
+    assert trainable(model) == {name for name, _ in model.named_parameters()}
+    optimizer = build_optimizer(model, phases[0], config)
+    rates = lr_by_parameter(model, optimizer)
+    head = head_parameters(model)
+    assert {rates[name] for name in head} == {pytest.approx(10 * LR)}
+    assert {rates[name] for name in rates if name not in head} == {LR}
+    for group in optimizer.param_groups:
+        if any(p.ndim <= 1 for p in group["params"]):
+            assert group["weight_decay"] == 0.0
+
+
+def test_full_with_explicit_head_lr_and_layer_decay_spreads_the_backbone_rates():
+    config, model, phases = setup("full", head_lr=0.05, layer_decay=0.5)
+    apply_phase(model, phases[0])
+    rates = lr_by_parameter(model, build_optimizer(model, phases[0], config))
+    head = head_parameters(model)
+    backbone = [rates[name] for name, _ in model.named_parameters() if name not in head]
+    assert {rates[name] for name in head} == {pytest.approx(0.05)}
+    assert max(backbone) == pytest.approx(LR) and min(backbone) < LR / 4
+    assert backbone[0] == min(backbone)  # the input side learns slowest
+
+
+def test_partial_trains_the_last_groups_and_the_head():
+    from visiontune.freeze import layer_groups
+
+    config, model, phases = setup("partial", train_groups=1)
+    apply_phase(model, phases[0])
+    groups = layer_groups(model)
+    last_backbone = tuple(f"{module}." for module in groups[-2].modules)
+    expected = head_parameters(model) | {name for name, _ in model.named_parameters() if name.startswith(last_backbone)}
+    assert trainable(model) == expected
+    assert len(expected) < len(list(model.parameters()))
+
+
+def test_gradual_trains_the_head_first_then_everything_with_discriminative_rates():
+    config, model, phases = setup("gradual", freeze_epochs=1)
+    assert [(p.name, p.start_epoch, p.end_epoch, p.train) for p in phases] == [("head", 0, 1, "head"),
+                                                                                ("full", 1, 3, "all")]
+    apply_phase(model, phases[0])
+    assert trainable(model) == head_parameters(model)
+    first = lr_by_parameter(model, build_optimizer(model, phases[0], config))
+    assert set(first.values()) == {pytest.approx(10 * LR)}
+    apply_phase(model, phases[1])
+    assert trainable(model) == {name for name, _ in model.named_parameters()}
+    rates = lr_by_parameter(model, build_optimizer(model, phases[1], config))
+    head = head_parameters(model)
+    backbone = [rates[name] for name, _ in model.named_parameters() if name not in head]
+    assert max(backbone) == pytest.approx(LR) and min(backbone) == pytest.approx(LR / 10)
+
+
+def test_frozen_batchnorm_keeps_its_statistics_while_the_head_trains():
+    config, model, phases = setup("linear-probe")
+    apply_phase(model, phases[0])
+    set_train_mode(model)
+    before = {name: buffer.clone() for name, buffer in model.named_buffers() if "running_mean" in name}
+    model(torch.randn(4, 3, 32, 32))
+    after = dict(model.named_buffers())
+    assert before and all(torch.equal(value, after[name]) for name, value in before.items())
