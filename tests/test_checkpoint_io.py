@@ -7,10 +7,17 @@ import os
 import pytest
 
 torch = pytest.importorskip("torch")
-from torch import nn  # noqa: E402
+from torch import nn
 
-from visiontune.checkpoint import atomic_write, load_model, load_weights, read_checkpoint, save_model, save_weights  # noqa: E402
-from visiontune.errors import CheckpointError  # noqa: E402
+from visiontune.checkpoint import (
+    atomic_write,
+    load_model,
+    load_weights,
+    read_checkpoint,
+    save_model,
+    save_weights,
+)
+from visiontune.errors import CheckpointError
 
 
 def tiny_net(num_classes: int = 3) -> nn.Module:
@@ -68,11 +75,10 @@ def test_save_weights_rejects_unknown_suffix(tmp_path):
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     target = tmp_path / "best.safetensors"
     target.write_bytes(b"old and good")
-    with pytest.raises(RuntimeError):
-        with atomic_write(target) as temporary:
-            assert temporary.parent == tmp_path and temporary != target
-            temporary.write_bytes(b"half writ")
-            raise RuntimeError("crash while writing")
+    with pytest.raises(RuntimeError), atomic_write(target) as temporary:
+        assert temporary.parent == tmp_path and temporary != target
+        temporary.write_bytes(b"half writ")
+        raise RuntimeError("crash while writing")
     assert target.read_bytes() == b"old and good"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.safetensors"]
 
@@ -178,3 +184,13 @@ def test_the_malicious_payload_is_real(tmp_path):
     torch.save({"payload": Payload(marker)}, path)
     torch.load(path, weights_only=False)
     assert marker.exists()
+
+
+def test_training_checkpoints_with_argparse_namespaces_load_safely(tmp_path):
+    import argparse
+
+    path = tmp_path / "checkpoint.pth"
+    model = tiny_net()
+    torch.save({"model": model.state_dict(), "args": argparse.Namespace(lr=0.1, model="tiny"), "epoch": 3}, path)
+    report = load_weights(tiny_net(), path)
+    assert report.complete and report.unwrapped_from == "model"

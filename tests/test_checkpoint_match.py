@@ -7,11 +7,11 @@ import json
 import pytest
 
 torch = pytest.importorskip("torch")
-from torch import nn  # noqa: E402
+from torch import nn
 
-from visiontune.checkpoint import LoadReport, load_weights, save_weights  # noqa: E402
-from visiontune.checkpoint.collapse import collapse_numbers, collapse_subtrees  # noqa: E402
-from visiontune.errors import CheckpointError, ConfigError  # noqa: E402
+from visiontune.checkpoint import LoadReport, load_weights, save_weights
+from visiontune.checkpoint.collapse import collapse_numbers, collapse_subtrees
+from visiontune.errors import CheckpointError, ConfigError
 
 
 class Net(nn.Module):
@@ -307,3 +307,23 @@ def test_report_string_is_compact():
     lines = str(report).splitlines()
     assert len(lines) <= 8
     assert isinstance(report, LoadReport) and "loaded" in lines[1] and "conv1.*, bn1.*, layer{1..4}.*" in lines[1]
+
+
+def test_a_head_whose_weight_does_not_fit_loads_nothing_of_it():
+    """Same class count, other feature width: the bias would fit by shape, but it belongs to a head
+    that does not, so it is held back rather than loaded half."""
+    source = random_state(Net(num_classes=10, width=4))
+    source["fc.weight"] = torch.randn(10, 6)
+    model = Net(num_classes=10, width=4)
+    bias_before = model.fc.bias.clone()
+    report = load_weights(model, source)
+    assert set(report.mismatched) == {"fc.weight"} and "fc.bias" in report.missing and "fc.bias" in report.unexpected
+    assert torch.equal(model.fc.bias, bias_before)
+    assert any("fc.bias" in note for note in report.notes)
+
+
+def test_another_architecture_is_refused_rather_than_loaded_piecemeal():
+    tvm = pytest.importorskip("torchvision.models")
+    model = tvm.mobilenet_v2(num_classes=10)
+    with pytest.raises(CheckpointError, match="No tensor of checkpoint"):
+        load_weights(model, tvm.resnet18().state_dict())

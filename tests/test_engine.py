@@ -119,7 +119,7 @@ def test_patience_stops_a_run_that_no_longer_improves(tmp_path):
     data = make_image_folder(tmp_path / "data", per_class=4, val_per_class=2)
     # A learning rate this small leaves the predictions, hence the accuracy, unchanged: epoch 2
     # does not improve on epoch 1, so patience 1 stops there.
-    config = config_from_dict({"data": str(data), "model": "mobilenet_v3_small", "weights": "none",
+    config = config_from_dict({"data": str(data), "model": "timm:test_resnet", "weights": "none",
                                "strategy": "linear-probe", "epochs": 5, "patience": 1, "lr": 1e-12,
                                "image_size": 32, "batch_size": 8, "workers": 0, "device": "cpu",
                                "out": str(tmp_path / "run")})

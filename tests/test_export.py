@@ -89,6 +89,29 @@ def test_a_file_that_does_not_match_fails_verification(tmp_path, format):
     assert not check.passed and check.max_abs_diff > 1e-3
 
 
+def test_tolerance_is_relative_for_logits_larger_than_one(monkeypatch):
+    import visiontune.export as export
+
+    for factor, relative_error, passes in ((1e6, 1e-5, True), (1e6, 1e-2, False), (1e-3, 0.5, True)):
+        model = nn.Sequential(_tiny_model(), _Scale(factor)).eval()  # logits of about `factor` in size
+        # an "exported file" whose logits are off by relative_error
+        monkeypatch.setattr(export, "load_exported",
+                            lambda path, format: lambda batch: model(batch).detach() * (1 + relative_error))
+        check = verify_export(model, "unused", "torchscript", torch.randn(3, 3, 12, 12))
+        assert check.passed is passes, (factor, relative_error)
+        assert check.logit_scale == pytest.approx(max(1.0, model(torch.randn(3, 3, 12, 12)).abs().max().item()),
+                                                  rel=1.0)
+
+
+class _Scale(nn.Module):
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x):
+        return x * self.factor
+
+
 def test_missing_onnxruntime_is_a_clear_user_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # makes `import onnxruntime` fail
     with pytest.raises(VisiontuneError, match=r"onnxruntime.*pip install 'visiontune\[export\]'"):

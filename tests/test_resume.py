@@ -14,7 +14,7 @@ from visiontune.commands.train import ConsoleReporter
 # gradual: the optimizer is rebuilt at the phase switch (after epoch 1); the interruption comes in
 # epoch 3, so the resume must restore the SECOND phase's optimizer. Mixup and augmentation draw
 # from the RNGs, which must be restored too.
-RECIPE = ["--model", "mobilenet_v3_small", "--weights", "none", "--image-size", "32", "--batch-size", "8", "--workers", "0",
+RECIPE = ["--model", "timm:test_resnet", "--weights", "none", "--image-size", "32", "--batch-size", "8", "--workers", "0",
           "--seed", "3", "--device", "cpu", "--quiet", "--strategy", "gradual", "--epochs", "3", "--lr", "0.001",
           "--mixup", "0.2", "--augment", "trivial", "--warmup-epochs", "0.5"]
 TIMING_COLUMNS = ("seconds", "images_per_s")

@@ -3,6 +3,9 @@ whose head learns on cached features ends with the same weights as one that forw
 
 from __future__ import annotations
 
+import logging
+
+import pytest
 import torch
 import torchvision
 from torch import nn
@@ -44,3 +47,31 @@ def test_saved_bytes_count_each_storage_once_and_skip_ignored_tensors():
     assert counted == inputs.nbytes + weight.nbytes + 3 * 4 * 4  # inputs, weight once, the hidden product
     _, without_weight = saved_activation_bytes(lambda: (inputs @ weight) @ weight, ignore=[weight])
     assert without_weight == counted - weight.nbytes
+
+
+@pytest.mark.slow
+def test_a_linear_probe_on_cached_features_ends_where_the_uncached_one_does(image_folder, tmp_path, caplog):
+    from visiontune.config import TrainConfig
+    from visiontune.engine import train
+
+    caplog.set_level(logging.INFO, logger="visiontune.cached_phase")
+    results = {}
+    for mode in ("off", "auto"):
+        config = TrainConfig(data=str(image_folder), model="resnet18", weights="none", strategy="linear-probe",
+                             epochs=2, batch_size=8, image_size=32, augment="none", workers=0, feature_cache=mode,
+                             out=str(tmp_path / mode))
+        results[mode] = train(config)
+    assert "feature cache features" in caplog.text and "feature cache off (turned off" in caplog.text
+    uncached, cached = results["off"].model.state_dict(), results["auto"].model.state_dict()
+    for name in uncached:
+        torch.testing.assert_close(cached[name], uncached[name], rtol=1e-4, atol=1e-5)
+    for before, after in zip(results["off"].history, results["auto"].history):
+        assert after["train_loss"] == pytest.approx(before["train_loss"], rel=1e-4)
+        assert after["val_acc"] == before["val_acc"]
+
+
+def test_convolutional_networks_train_in_channels_last_and_others_do_not():
+    from visiontune.device import prefers_channels_last
+
+    assert prefers_channels_last(torchvision.models.resnet18(weights=None, num_classes=3))
+    assert not prefers_channels_last(nn.Sequential(nn.Flatten(), nn.Linear(12, 3)))

@@ -12,7 +12,7 @@ from conftest import make_image_folder
 from visiontune.cli import main
 from visiontune.run import RUN_FILES, load_run
 
-TINY = ["--model", "mobilenet_v3_small", "--weights", "none", "--image-size", "32", "--batch-size", "8", "--workers", "0",
+TINY = ["--model", "timm:test_resnet", "--weights", "none", "--image-size", "32", "--batch-size", "8", "--workers", "0",
         "--seed", "0", "--device", "cpu", "--quiet"]
 
 

@@ -99,10 +99,10 @@ class PhaseInputs:
         mode = getattr(setup.config, "feature_cache", "auto")
         if mode == "off":
             return CachePlan("off", 0, "turned off (feature_cache: off)")
-        image_dataset = setup.train_loader.dataset.dataset  # SeededSamples wraps the image dataset
+        transform = getattr(_image_dataset(setup.train_loader), "transform", None)
         return plan_feature_cache(
             setup.model,
-            deterministic_transform=is_deterministic(image_dataset.transform),
+            deterministic_transform=transform is not None and is_deterministic(transform),
             views=getattr(setup.config, "cache_views", 0),
             batch_mixing=setup.batch_mixer is not None,
         )
@@ -112,7 +112,7 @@ class PhaseInputs:
 
         setup = self.setup
         store = getattr(setup.config, "feature_cache", "auto")
-        train_cache = self._cache(setup.train_loader.dataset.dataset, plan.views, store)
+        train_cache = self._cache(_image_dataset(setup.train_loader), plan.views, store)
         val_cache = self._cache(setup.val_loader.dataset, 1, store)
         self._train_view = _EpochView(train_cache)
         train = setup.train_loader
@@ -132,6 +132,13 @@ class PhaseInputs:
                                     views=views, model_name=f"{setup.config.model}|{setup.config.weights}")
         return build_feature_cache(
             setup.model, dataset, views=views, batch_size=setup.config.batch_size,
-            num_workers=setup.train_loader.num_workers, device=setup.device, key=key,
+            # Decoded images only need the cheap tensor transforms: worker processes would cost more
+            # to start than they save. Files still need decoding, in the configured workers.
+            num_workers=setup.train_loader.num_workers if samples is not None else 0, device=setup.device, key=key,
             store=store if store in ("memory", "disk") and (key or store == "memory") else "auto",
             seed=setup.config.seed)
+
+
+def _image_dataset(loader: DataLoader):
+    """The dataset of images under the training loader's seeding wrapper (SeededSamples)."""
+    return getattr(loader.dataset, "dataset", loader.dataset)

@@ -134,6 +134,7 @@ def _enter_phase(setup: TrainingSetup, phase_index: int) -> None:
 def fit(setup: TrainingSetup, state: dict, run_dir: Path, reporter: Reporter) -> TrainResult:
     """Run the remaining epochs of ``state``, then evaluate the best model and write the report."""
     from visiontune.artifacts import TensorBoardLog, write_final_artifacts
+    from visiontune.cached_phase import PhaseInputs
 
     config, model = setup.config, setup.model
     steps_per_epoch = len(setup.train_loader)
@@ -141,6 +142,9 @@ def fit(setup: TrainingSetup, state: dict, run_dir: Path, reporter: Reporter) ->
     if scaler is not None and "scaler" in state:
         scaler.load_state_dict(state["scaler"])
     tensorboard = TensorBoardLog(run_dir)
+    # Which model and loaders each epoch uses: a phase that trains only the head on a frozen
+    # backbone trains it on features computed once (visiontune.feature_cache).
+    phase_inputs = PhaseInputs(setup)
     # Recomputed rather than read back, so a resume with a larger --patience can continue.
     stopped_early = 0 < config.patience <= state["epochs_without_improvement"]
     try:
@@ -154,13 +158,15 @@ def fit(setup: TrainingSetup, state: dict, run_dir: Path, reporter: Reporter) ->
             phase = setup.phases[phase_index]
             schedule = build_schedule(steps_per_epoch, phase.epochs, config.warmup_epochs)
             reporter.start_epoch(epoch + 1, config.epochs, steps_per_epoch, phase.name)
-            setup.train_loader.sampler.set_epoch(epoch)
+            inputs = phase_inputs.for_epoch(phase_index, epoch)  # also sets the sampler's epoch
             stats = train_one_epoch(
-                model, setup.train_loader, setup.optimizer, setup.loss_fn, setup.device,
+                inputs.model, inputs.train_loader, setup.optimizer, setup.loss_fn, setup.device,
                 schedule=schedule, first_step=state["step"] - state["phase_start_step"],
                 precision=setup.precision, scaler=scaler, batch_mixer=setup.batch_mixer,
                 grad_clip=config.grad_clip, on_batch=reporter.advance)
-            evaluation = evaluate(model, setup.val_loader, setup.device, setup.classes, precision=setup.precision)
+            evaluation = evaluate(inputs.model, inputs.val_loader, setup.device, setup.classes,
+                                  precision=setup.precision)
+            state.setdefault("feature_cache", {}).update(phase_inputs.plans)  # phase -> cache plan, for the report
             row = _metrics_row(epoch + 1, phase.name, stats, evaluation.metrics, evaluation.seconds)
             state["step"] += stats.steps
             state["epoch"] = epoch + 1

@@ -6,7 +6,9 @@ to ``FILE.json`` next to the model, with the class names). The batch dimension i
 
 Nothing is shipped unverified: after writing, the file is loaded by its own runtime
 (onnxruntime, ``torch.jit.load``) and run at batch sizes 1 and 3; its logits must match
-PyTorch's within ``tolerance`` (max absolute difference), or :class:`ExportVerificationError`.
+PyTorch's within ``tolerance`` (max absolute difference; for a model whose logits exceed 1 in
+size, relative to the largest logit, since float32 cannot do better than ~1e-7 of a value), or
+:class:`ExportVerificationError`.
 
 ONNX uses the ``torch.export``-based exporter (``torch.onnx.export(dynamo=True)``, the default
 since torch 2.9, which needs ``onnxscript``); should a model not be capturable by it, the older
@@ -56,6 +58,7 @@ class Verification:
     inputs: str  # "validation images" | "random inputs": what was fed to both
     tolerance: float
     passed: bool
+    logit_scale: float = 1.0  # max(1, largest |logit|): the tolerance is relative to it
 
     def to_dict(self) -> dict:
         return {
@@ -64,6 +67,7 @@ class Verification:
             "inputs": self.inputs,
             "tolerance": self.tolerance,
             "passed": self.passed,
+            "logit_scale": self.logit_scale,
         }
 
 
@@ -224,6 +228,7 @@ def verify_export(
     except Exception as error:  # noqa: BLE001 - a file its runtime cannot load is a failed export
         raise ExportVerificationError(f"the exported {format} file {path} cannot be loaded: {error}") from error
     per_batch_size: dict[int, float] = {}
+    scale = 1.0
     for size in batch_sizes:
         batch = inputs[:size].contiguous()
         with torch.no_grad():
@@ -240,8 +245,10 @@ def verify_export(
                 f"{size}, PyTorch returned {tuple(expected.shape)} (is the batch dimension dynamic?)"
             )
         per_batch_size[size] = float((actual.float() - expected.float()).abs().max())
+        scale = max(scale, float(expected.abs().max()))
     max_abs_diff = max(per_batch_size.values())
-    return Verification(max_abs_diff, per_batch_size, inputs_source, tolerance, max_abs_diff <= tolerance)
+    passed = max_abs_diff <= tolerance * scale
+    return Verification(max_abs_diff, per_batch_size, inputs_source, tolerance, passed, scale)
 
 
 def write_metadata(path: str | Path, metadata: dict) -> Path:
@@ -301,10 +308,12 @@ def export_run(run_dir: str | Path, format: str = "onnx", out: str | Path | None
     verification = verify_export(run.model, path, format, inputs, source, tolerance)
     if not verification.passed:
         path.unlink(missing_ok=True)
+        scale = verification.logit_scale
+        allowed = f"tolerance {tolerance:g}" + (f" x largest logit {scale:.3g}" if scale > 1 else "")
         raise ExportVerificationError(
             f"the exported {format} model differs from PyTorch by up to {verification.max_abs_diff:.3g} "
-            f"(tolerance {tolerance:g}, on {source}); {path} was removed. Try the other --format, or accept it "
-            f"with --tolerance {verification.max_abs_diff * 2:.1g}")
+            f"({allowed}, on {source}); {path} was removed. Try the other --format, or accept it with "
+            f"--tolerance {verification.max_abs_diff / scale * 2:.1g}")
     metadata = describe_export(format, path, tuple(inputs.shape[1:]), run.classes, run.preprocessing.to_dict(),
                                run.config.model)
     metadata["checkpoint"] = checkpoint

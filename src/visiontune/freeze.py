@@ -84,7 +84,7 @@ def _timm_groups(model: nn.Module, heads: list[str]) -> list[LayerGroup] | None:
         names = [n for n in grouped[index] if not any(owns(h, n) for h in heads)]
         if names:
             prefixes = _collapse(names, all_names)
-            label = prefixes[0] if len(prefixes) == 1 else ("stem" if not groups else f"group{index}")
+            label = "stem" if not groups and len(prefixes) > 1 else prefixes[0]
             groups.append(LayerGroup(label, prefixes))
     return groups
 

@@ -78,6 +78,7 @@ def lr_find(
         raise ValueError(f"num_steps must be at least 2, got {num_steps}")
     if not 0 <= smooth < 1:
         raise ValueError(f"smooth must be in [0, 1), got {smooth}")
+    _warn_if_data_is_tiny(loader, num_steps)
     saved_model = _cpu_copy(model.state_dict())
     saved_optimizer = _cpu_copy(optimizer.state_dict())
     saved_training = {name: module.training for name, module in model.named_modules()}
@@ -201,6 +202,19 @@ def plot_lr_find(result: LRFindResult, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, bbox_inches="tight")
     return path
+
+
+def _warn_if_data_is_tiny(loader: Iterable, num_steps: int) -> None:
+    """Many passes over a handful of images let the model memorise them: the training loss then
+    stays near zero at any rate and the test cannot see where training breaks down."""
+    try:
+        batches = len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        return
+    if batches and num_steps / batches > 10:
+        log.warning("the LR range test cycles %.0f times over only %d batch(es): the model can memorise them and "
+                    "the suggested rate may be far too high; use more data or a fixed --lr", num_steps / batches,
+                    batches)
 
 
 def _cycle(loader: Iterable):

@@ -8,7 +8,8 @@ fresh when the phase starts, so that ``gradual`` (fastai's ``fine_tune``) is jus
 linear-probe  one phase: the head only, at ``head_lr`` (default: ``lr``)
 partial       one phase: the last ``train_groups`` layer groups and the head
 full          one phase: everything; the head at ``head_lr`` (default 10x ``lr``),
-              the backbone at ``lr``, optionally decayed per group by ``layer_decay``
+              the backbone at ``lr``; with ``layer_decay`` the group next to the head
+              at ``lr`` and each earlier group at ``layer_decay`` times the next
 gradual       ``freeze_epochs`` of the head alone, then everything with
               discriminative rates (``layer_decay``, default spreading ``lr`` over
               the layer groups down to ``lr / 10`` at the input)
@@ -102,11 +103,15 @@ def learning_rate_groups(model: nn.Module, phase: Phase, config: TrainConfig) ->
     """Optimizer parameter groups of the trainable parameters, each with its peak ``lr``."""
     from visiontune.optim import param_groups
 
+    decay = layer_decay_for(model, phase, config)
     groups = param_groups(
         model,
         lr=float(config.lr),
         head_lr=head_learning_rate(config),
-        layer_decay=layer_decay_for(model, phase, config),
+        # param_groups decays from the head down (the group next to the head gets lr * decay);
+        # dividing by one decay makes ``lr`` the rate of the group next to the head, as documented.
+        backbone_lr_mult=None if decay is None else 1.0 / decay,
+        layer_decay=decay,
         weight_decay=config.weight_decay,
     )
     kept = []

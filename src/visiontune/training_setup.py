@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from visiontune.config import TrainConfig
-from visiontune.device import Precision, default_workers, resolve_device, resolve_precision
+from visiontune.device import Precision, default_workers, prefers_channels_last, resolve_device, resolve_precision
 from visiontune.preprocessing import Preprocessing
 from visiontune.strategies import Phase, apply_phase, build_optimizer, plan_phases
 
@@ -115,6 +115,10 @@ def build_training(config: TrainConfig) -> TrainingSetup:
     split, train_set, val_set, val_samples, bad, preprocessing = _build_datasets(config, build_transforms)
     model, load_report = build_model(config, len(split.classes))
     model.to(device)
+    if prefers_channels_last(model):
+        model.to(memory_format=torch.channels_last)
+    if config.compile:
+        model.compile()  # in place: parameter names, checkpoints and find_head are unchanged
     phases = plan_phases(config)
     apply_phase(model, phases[0])
     optimizer = build_optimizer(model, phases[0], config)

@@ -24,8 +24,18 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from itertools import pairwise
 
-from visiontune.checkpoint.keys import NUM_BATCHES, OTHER, STANDARD_ROLES, Shape, module_of, role_of, shapes_compatible, squeezed
+from visiontune.checkpoint.keys import (
+    NUM_BATCHES,
+    OTHER,
+    STANDARD_ROLES,
+    Shape,
+    module_of,
+    role_of,
+    shapes_compatible,
+    squeezed,
+)
 from visiontune.checkpoint.match import Plan, ShapeMap, match_by_name
 
 logger = logging.getLogger(__name__)
@@ -52,8 +62,8 @@ class Unit:
 
 def match_auto(target: ShapeMap, source: ShapeMap, target_floating: dict[str, bool], source_floating: dict[str, bool]) -> Plan:
     """Names first; then align the leftovers by structure (see the module docstring)."""
-    plan = match_by_name(target, source)
-    used_targets = set(plan.loaded) | set(plan.mismatched)
+    plan = match_by_name(target, source, whole_modules=True)
+    used_targets = plan.decided_targets()
     used_sources = plan.used_sources()
     target_units = build_units({k: s for k, s in target.items() if k not in used_targets}, target_floating)
     source_units = build_units({k: s for k, s in source.items() if k not in used_sources}, source_floating)
@@ -134,7 +144,7 @@ def align_units(target_units: list[Unit], source_units: list[Unit]) -> Plan:
     unit_pairs = list(anchors)
     mismatched_pairs: list[tuple[int, int]] = []
     bounds = [(-1, -1), *anchors, (len(target_units), len(source_units))]
-    for (t_start, s_start), (t_end, s_end) in zip(bounds, bounds[1:]):
+    for (t_start, s_start), (t_end, s_end) in pairwise(bounds):
         gap_targets, gap_sources = list(range(t_start + 1, t_end)), list(range(s_start + 1, s_end))
         unique = _unique_pairs(gap_targets, gap_sources, target_units, source_units, fits)
         unit_pairs.extend(unique)
@@ -169,6 +179,8 @@ def _note_leftovers(plan: Plan, left: list[Unit], aligned: int) -> None:
 def certain_pairs(target_units: list[Unit], source_units: list[Unit], fits) -> list[tuple[int, int]]:
     """Pairs (target index, source index) present in every maximum order-preserving alignment."""
     n, m = len(target_units), len(source_units)
+    if n == m and all(fits(t, s) for t, s in zip(target_units, source_units)):
+        return [(i, i) for i in range(n)]  # same structure throughout: the only alignment matching all
     matrix = _fit_matrix(target_units, source_units, fits)
     forward_score, forward_count = _alignment_table(matrix, n, m)
     reversed_matrix = [row[::-1] for row in matrix[::-1]]

@@ -56,7 +56,7 @@ def _rename_without_collisions(keys: list[str], rename) -> dict[str, str]:
 def _prefix_candidates(source_keys: list[str], target_keys: list[str]):
     """Renamings worth trying: drop a leading component of the source, or add the target's."""
     for prefix in _leading_components(source_keys):
-        yield lambda key, prefix=prefix: key[len(prefix) :] if key.startswith(prefix) else key
+        yield lambda key, prefix=prefix: key.removeprefix(prefix)
     for prefix in _leading_components(target_keys):
         yield lambda key, prefix=prefix: key if key.startswith(prefix) else prefix + key
 

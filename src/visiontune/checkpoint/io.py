@@ -8,6 +8,7 @@ text file, an HTML error page or a Git LFS pointer each get a message that says 
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import os
@@ -40,7 +41,7 @@ def sniff_format(path: Path) -> str:
     size = path.stat().st_size
     if not head:
         raise CheckpointError(f"Checkpoint '{path}' is empty (0 bytes): the save or the download was interrupted. Save or download it again.")
-    if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
+    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
         return TORCH_ZIP
     if head[:1] == b"\x80":  # pickle protocol marker
         return TORCH_LEGACY
@@ -110,7 +111,10 @@ def _read_torch(path: Path, allow_unsafe: bool) -> object:
     import torch
 
     try:
-        return torch.load(path, map_location="cpu", weights_only=not allow_unsafe)
+        # Training scripts (torchvision references, timm) store their argparse.Namespace beside the
+        # weights; rebuilding one runs no code, so it is allowed alongside tensors.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=not allow_unsafe)
     except pickle.UnpicklingError as error:
         if "weights only load failed" in str(error).lower():
             culprit = _blocked_global(str(error))

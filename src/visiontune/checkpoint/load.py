@@ -14,7 +14,15 @@ from pathlib import Path
 from visiontune.checkpoint.align import match_auto
 from visiontune.checkpoint.clean import clean_keys
 from visiontune.checkpoint.io import read_checkpoint, sniff_format
-from visiontune.checkpoint.match import Plan, Strategy, match_by_mapping, match_by_name, match_by_order, parse_strategy, rename_by_rules
+from visiontune.checkpoint.match import (
+    Plan,
+    Strategy,
+    match_by_mapping,
+    match_by_name,
+    match_by_order,
+    parse_strategy,
+    rename_by_rules,
+)
 from visiontune.checkpoint.report import LoadReport
 from visiontune.checkpoint.unwrap import unwrap
 from visiontune.errors import CheckpointError
@@ -81,23 +89,23 @@ def _plan(strategy: Strategy, model_state: dict, tensors: dict, original: dict[s
     target = {key: tuple(tensor.shape) for key, tensor in model_state.items()}
     source = {key: tuple(tensor.shape) for key, tensor in tensors.items()}
     if strategy.kind == "auto":
-        floating = lambda state: {key: tensor.is_floating_point() or tensor.is_complex() for key, tensor in state.items()}  # noqa: E731
+        floating = lambda state: {key: tensor.is_floating_point() or tensor.is_complex() for key, tensor in state.items()}
         return match_auto(target, source, floating(model_state), floating(tensors))
     if strategy.kind == "order":
         return match_by_order(target, source)
     if strategy.kind == "mapping":
         aliases = {name: cleaned for cleaned, name in original.items()}
         return match_by_mapping(target, source, strategy, aliases)
-    return match_by_name(target, source)  # "name", and "rules" after renaming
+    return match_by_name(target, source, whole_modules=True)  # "name", and "rules" after renaming
 
 
 def _report(plan: Plan, model_state, tensors, original, checkpoint_keys, strategy, source_format, unwrapped_from, source_name, dry_run) -> LoadReport:
-    used = plan.used_sources()
+    used = {original[source] for source in [*plan.loaded.values(), *plan.mismatched.values()]}
     removed = sorted({name[: len(name) - len(cleaned)] for cleaned, name in original.items() if name.endswith(cleaned) and name != cleaned})
     return LoadReport(
         loaded={target: original[source] for target, source in plan.loaded.items()},
         missing=[key for key in model_state if key not in plan.loaded and key not in plan.mismatched],
-        unexpected=[original[key] for key in tensors if key not in used],
+        unexpected=[key for key in checkpoint_keys if key not in used],  # includes keys dropped by rules
         mismatched={
             target: (tuple(model_state[target].shape), tuple(tensors[source].shape)) for target, source in plan.mismatched.items()
         },

@@ -19,7 +19,13 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from visiontune.checkpoint.keys import NUM_BATCHES, Shape, role_of, shapes_compatible
+from visiontune.checkpoint.keys import (
+    NUM_BATCHES,
+    Shape,
+    module_of,
+    role_of,
+    shapes_compatible,
+)
 from visiontune.errors import CheckpointError, ConfigError
 
 logger = logging.getLogger(__name__)
@@ -34,14 +40,20 @@ class Plan:
 
     loaded: dict[str, str] = field(default_factory=dict)  # target key -> source key
     mismatched: dict[str, str] = field(default_factory=dict)  # target key -> source key whose shape cannot fit
+    held_back: dict[str, str] = field(default_factory=dict)  # fits, but a sibling in its module does not
     notes: list[str] = field(default_factory=list)
 
     def used_sources(self) -> set[str]:
-        return set(self.loaded.values()) | set(self.mismatched.values())
+        """Source keys this plan has decided about (loaded, mismatched or held back)."""
+        return set(self.loaded.values()) | set(self.mismatched.values()) | set(self.held_back.values())
+
+    def decided_targets(self) -> set[str]:
+        return set(self.loaded) | set(self.mismatched) | set(self.held_back)
 
     def add(self, other: Plan) -> None:
         self.loaded.update(other.loaded)
         self.mismatched.update(other.mismatched)
+        self.held_back.update(other.held_back)
         self.notes.extend(other.notes)
 
 
@@ -61,12 +73,27 @@ def pair(target: ShapeMap, source: ShapeMap, target_key: str, source_key: str, p
     (plan.loaded if fits else plan.mismatched)[target_key] = source_key
 
 
-def match_by_name(target: ShapeMap, source: ShapeMap) -> Plan:
+def match_by_name(target: ShapeMap, source: ShapeMap, whole_modules: bool = False) -> Plan:
+    """Same name, fitting shape. With ``whole_modules``, a module loads all or nothing: a head's
+    bias is not taken from a checkpoint whose head weight does not fit (1000 classes either way,
+    but from another feature width)."""
     plan = Plan()
     for key in target:
         if key in source:
             pair(target, source, key, key, plan)
+    if whole_modules and plan.mismatched:
+        _hold_back_partners(plan)
     return plan
+
+
+def _hold_back_partners(plan: Plan) -> None:
+    broken = {module_of(key) for key in plan.mismatched}
+    plan.held_back = {t: s for t, s in plan.loaded.items() if module_of(t) in broken}
+    plan.loaded = {t: s for t, s in plan.loaded.items() if t not in plan.held_back}
+    if plan.held_back:
+        plan.notes.append(
+            f"not loaded although their shapes fit, because other tensors of their module do not: {', '.join(plan.held_back)}"
+        )
 
 
 def match_by_order(target: ShapeMap, source: ShapeMap) -> Plan:

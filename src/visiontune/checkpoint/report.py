@@ -66,10 +66,8 @@ class LoadReport:
     def __str__(self) -> str:
         verb = "would load" if self.dry_run else "loaded"
         wrapper = f", weights under {self.unwrapped_from!r}" if self.unwrapped_from else ""
-        lines = [
-            f"{verb} {len(self.loaded)} of {len(self.model_keys) or len(self.loaded) + len(self.missing) + len(self.mismatched)} model tensors "
-            f"from {self.source} ({self.source_format}{wrapper}; match={self.match})"
-        ]
+        total = len(self.model_keys) or len(self.loaded) + len(self.missing) + len(self.mismatched)
+        lines = [f"{verb} {len(self.loaded)} of {total} model tensors from {self.source} ({self.source_format}{wrapper}; match={self.match})"]
         lines.append(self._row(verb, self._patterns(self.loaded, self.model_keys), len(self.loaded)))
         if self.renamed:
             lines.append(self._pairs_row("renamed", [f"{t} <- {s}" for t, s in self.renamed.items()]))

@@ -9,7 +9,15 @@ from pathlib import Path
 
 from visiontune.checkpoint.collapse import collapse_numbers
 from visiontune.checkpoint.io import read_checkpoint, sniff_format
-from visiontune.checkpoint.keys import NUM_BATCHES, RUNNING_MEAN, RUNNING_VAR, WEIGHT, leaf_of, module_of, role_of
+from visiontune.checkpoint.keys import (
+    NUM_BATCHES,
+    RUNNING_MEAN,
+    RUNNING_VAR,
+    WEIGHT,
+    leaf_of,
+    module_of,
+    role_of,
+)
 from visiontune.checkpoint.unwrap import unwrap
 
 HEAD_NAMES = ("fc", "_fc", "classifier", "head", "heads", "last_linear", "logits", "linear")
