@@ -426,6 +426,10 @@ def test_torchrun_engine_run_trains_the_same_weights_and_metrics_as_one_process(
     two_final = json.loads((root / "two" / "report.json").read_text())["final"]
     assert two_final["num_images"] == 9
     assert (two_final["confusion"], two_final["accuracy"]) == (one_final["confusion"], one_final["accuracy"])
+    # The head-only phase trains on cached features in both (built shard-wise and gathered in two).
+    one_cache = torch.load(root / "one" / "last.ckpt", weights_only=True).get("feature_cache")
+    two_cache = torch.load(root / "two" / "last.ckpt", weights_only=True).get("feature_cache")
+    assert two_cache == one_cache
 
 
 @pytest.mark.slow

@@ -207,3 +207,23 @@ def test_cli_export_fails_above_the_tolerance_and_removes_the_file(tiny_run, tmp
     assert main(["export", "--run", str(run_dir), "--format", "torchscript", "--out", str(out),
                  "--tolerance", "0.02"]) == 0
     assert out.exists()
+
+
+@pytest.mark.slow
+def test_notebook_surface_predicts_in_three_lines_like_the_run_did(tiny_run):
+    """``visiontune.load_run`` + the run's own preprocessing reproduce val_predictions.csv."""
+    import csv
+
+    import visiontune
+    from visiontune.data import load_image
+    from visiontune.data.transforms import build_eval_transform
+
+    _, run_dir = tiny_run
+    rows = list(csv.DictReader(open(run_dir / "val_predictions.csv")))
+
+    run = visiontune.load_run(run_dir)
+    batch = torch.stack([build_eval_transform(run.preprocessing)(load_image(row["path"])) for row in rows])
+    probabilities = run.model(batch).softmax(dim=1)
+
+    assert [run.classes[i] for i in probabilities.argmax(dim=1)] == [row["predicted"] for row in rows]
+    assert probabilities.max(dim=1).values.tolist() == pytest.approx([float(r["confidence"]) for r in rows], abs=0.02)

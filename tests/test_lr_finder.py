@@ -152,3 +152,24 @@ def test_plot_writes_a_png(tmp_path):
     result = LRFindResult([1e-5, 1e-4, 1e-3, 1e-2], [2.0, 1.5, 1.0, 3.0], 1e-4, valley=1e-4)
     path = plot_lr_find(result, tmp_path / "plots" / "lr_find.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_cli_lr_find_prints_the_suggestion_and_writes_the_plot(tmp_path, capsys):
+    pytest.importorskip("visiontune.models")
+    import json
+
+    from conftest import make_image_folder
+    from visiontune.cli import main
+
+    data = make_image_folder(tmp_path / "data", per_class=4, val_per_class=2)
+    out = tmp_path / "lr"
+    assert main(["lr-find", "--data", str(data), "--model", "resnet18", "--weights", "none", "--image-size", "32",
+                 "--batch-size", "4", "--workers", "0", "--device", "cpu", "--strategy", "linear-probe",
+                 "--steps", "12", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads((out / "lr_find.json").read_text())
+    assert (out / "lr_find.png").read_bytes()[:4] == b"\x89PNG"
+    assert f"suggested learning rate: {result['suggestion']:.2e}" in printed
+    assert 1 < len(result["lrs"]) <= 12 and result["lrs"][0] == pytest.approx(1e-7)
+    assert main(["lr-find", "--data", str(data), "--model", "resnet18", "--steps", "1"]) == 2

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import torchvision
 
 from visiontune.errors import ModelError
-from visiontune.freeze import freeze, layer_groups, owns
+from visiontune.freeze import freeze, group_of, layer_groups, owns
 from visiontune.heads import find_head, head_names
 from visiontune.models import create_model, list_models, resolve_preprocessing
 from visiontune.registry import torchvision_head_name
@@ -136,6 +136,7 @@ def test_every_torchvision_model_gets_a_new_head_and_trains_only_it(name):
     assert model.visiontune_name == name
     groups = layer_groups(model)
     assert groups[-1].name == "head" and len(groups) >= 4
+    assert all(group_of(groups, n) >= 0 for n, _ in model.named_parameters())
     check_fine_tunes_only_head(model, size)
 
 

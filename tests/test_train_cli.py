@@ -110,3 +110,25 @@ def test_overwrite_replaces_the_run_and_config_file_gives_defaults(tmp_path, cap
 def test_missing_data_folder_exits_2(tmp_path, capsys):
     status = main(["train", "--data", str(tmp_path / "nope"), *TINY, "--out", str(tmp_path / "run")])
     assert status == 2 and "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_weights_file_is_loaded_and_its_report_kept(tmp_path):
+    from visiontune.checkpoint import save_weights
+    from visiontune.models import create_model
+
+    torch.manual_seed(1)
+    pretrained = create_model("timm:test_resnet", num_classes=7, weights=None)  # another head size
+    weights = save_weights(pretrained, tmp_path / "pretrained.safetensors")
+    data = make_image_folder(tmp_path / "data", per_class=4, val_per_class=2)
+    run_dir = tmp_path / "run"
+    options = [option if option != "none" else str(weights) for option in TINY]
+    status = main(["train", "--data", str(data), *options, "--strategy", "linear-probe", "--epochs", "1",
+                   "--out", str(run_dir)])
+    assert status == 0
+    report = json.loads((run_dir / "report.json").read_text())["weights_load_report"]
+    assert report["source"].endswith("pretrained.safetensors") and len(report["loaded"]) > 10
+    assert all(key.startswith("fc.") for key in report["mismatched"])  # the head is new
+    # linear-probe: everything but the head still holds the file's weights
+    trained = load_run(run_dir, checkpoint="last").model.state_dict()
+    assert torch.equal(trained["conv1.0.weight"], pretrained.state_dict()["conv1.0.weight"])

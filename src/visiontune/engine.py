@@ -25,7 +25,7 @@ from visiontune.run import (capture_rng_state, check_run_dir, default_run_dir, l
                             write_run_header)
 from visiontune.schedule import build_schedule
 from visiontune.strategies import apply_phase, build_optimizer, describe_groups, phase_index_for_epoch
-from visiontune.training_setup import TrainingSetup, build_training
+from visiontune.training_setup import TrainingSetup, build_training, is_weights_file
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,10 @@ def train(config: TrainConfig, *, overwrite: bool = False, reporter: Reporter | 
     config = validate(config)
     if config.out is None:
         config.out = str(default_run_dir(config.model))
+    # Absolute paths in the saved config, so that --resume works from any directory.
+    config.data = str(Path(config.data).expanduser().absolute())
+    if is_weights_file(config.weights):
+        config.weights = str(Path(config.weights).expanduser().absolute())
     run_dir = Path(config.out)
     # Refuse an existing folder before spending time on data and model; create it only once they work.
     check_run_dir(run_dir, overwrite=overwrite)

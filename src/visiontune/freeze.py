@@ -75,7 +75,7 @@ def _timm_groups(model: nn.Module, heads: list[str]) -> list[LayerGroup] | None:
 
     try:
         grouped = group_parameters(model, model.group_matcher(coarse=True))
-    except Exception as error:  # not every timm model implements a matcher
+    except (NotImplementedError, AttributeError, TypeError, ValueError) as error:  # not every timm model has one
         logger.debug("timm group_matcher unusable for %s: %s", type(model).__name__, error)
         return None
     all_names = [n for n, _ in model.named_parameters()]

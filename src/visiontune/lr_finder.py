@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from visiontune.loops import compute_loss, set_train_mode
+
 log = logging.getLogger(__name__)
 
 # A few points at each end of the curve say nothing about the valley: at the start the smoothed
@@ -109,7 +111,7 @@ def _range_test(model, loader, optimizer, loss_fn, device, start_lr, end_lr, num
     reference = reference_lr or max(group["lr"] for group in optimizer.param_groups)
     ratios = [group["lr"] / reference if reference > 0 else 1.0 for group in optimizer.param_groups]
     growth = (end_lr / start_lr) ** (1.0 / (num_steps - 1))  # per-step multiplier
-    model.train()
+    set_train_mode(model)  # as training does: frozen BatchNorm layers keep their running statistics
     batches = _cycle(loader)
     try:
         return _steps(model, batches, optimizer, loss_fn, device, start_lr, growth, ratios, num_steps, smooth,
@@ -132,7 +134,7 @@ def _steps(model, batches, optimizer, loss_fn, device, start_lr, growth, ratios,
         if batch_mixer is not None:
             images, targets = batch_mixer(images, targets)
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(_main_output(model(images)), targets)
+        loss = compute_loss(model(images), targets, loss_fn)  # as training: auxiliary heads included
         loss.backward()
         optimizer.step()
         value = float(loss.detach())
@@ -225,15 +227,6 @@ def _cycle(loader: Iterable):
             yield batch[0], batch[1]
         if not produced:
             raise ValueError("the data loader for the learning-rate range test yielded no batches")
-
-
-def _main_output(outputs) -> torch.Tensor:
-    """The main logits of models that return (logits, aux...) in training mode (googlenet, inception)."""
-    if isinstance(outputs, torch.Tensor):
-        return outputs
-    if hasattr(outputs, "logits"):
-        return outputs.logits
-    return outputs[0]
 
 
 def _cpu_copy(state):

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 REPORT_HTML = "report.html"
 THUMBNAIL_PX = 128  # longest side of the "most wrong" thumbnails
 MAX_WRONG = 24  # how many of the most wrong validation images to show
+MAX_ITEMS = 40  # a load report can list hundreds of tensors: show this many of each list, and the count
 LOAD_REPORT_KEYS = ("weights_load_report", "load_report")  # report.json keys, newest first
 
 _STYLE = """
@@ -108,7 +109,10 @@ def _load_report_section(report: dict) -> str:
                         "(built-in pretrained weights load whole; 'none' means random initialisation)")
     if isinstance(load_report, str):
         return _pre(load_report)
-    return _render_value(load_report)
+    if not isinstance(load_report, dict):
+        return _render_value(load_report)
+    counts = [f"{_e(key)}: {len(value)}" for key, value in load_report.items() if isinstance(value, (list, dict))]
+    return (f"<p>{' &middot; '.join(counts)}</p>" if counts else "") + _render_value(load_report)
 
 
 def _curves_section(run_dir: Path) -> str:
@@ -253,16 +257,17 @@ def _render_value(value) -> str:
     if isinstance(value, dict):
         if not value:
             return "<em>none</em>"
-        rows = "".join(f"<tr><th>{_e(key)}</th><td>{_render_value(item)}</td></tr>"
-                       for key, item in value.items())
-        return f"<table>{rows}</table>"
+        shown = list(value.items())[:MAX_ITEMS]
+        rows = "".join(f"<tr><th>{_e(key)}</th><td>{_render_value(item)}</td></tr>" for key, item in shown)
+        more = f"<tr><td colspan=\"2\">... and {len(value) - len(shown)} more</td></tr>" if len(value) > len(shown) else ""
+        return f"<table>{rows}{more}</table>"
     if isinstance(value, (list, tuple)):
         if not value:
             return "<em>none</em>"
-        shown = value[:50]  # a load report can list thousands of keys; the count says how many
+        shown = value[:MAX_ITEMS]
         items = "".join(f"<li>{_render_value(item)}</li>" for item in shown)
         more = f"<li>... and {len(value) - len(shown)} more</li>" if len(value) > len(shown) else ""
-        return f"{len(value)}: <ul>{items}{more}</ul>"
+        return f"<ul>{items}{more}</ul>"
     return _e(_format(value))
 
 

@@ -24,7 +24,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from visiontune.config import TrainConfig
-from visiontune.device import Precision, default_workers, prefers_channels_last, resolve_device, resolve_precision
+from visiontune.device import (Precision, configure_threads, default_workers, prefers_channels_last, resolve_device,
+                               resolve_precision)
 from visiontune.preprocessing import Preprocessing
 from visiontune.strategies import Phase, apply_phase, build_optimizer, plan_phases
 
@@ -112,6 +113,7 @@ def build_training(config: TrainConfig) -> TrainingSetup:
     random.seed(config.seed)
     device = resolve_device(config.device)
     precision = resolve_precision(device, config.precision)
+    configure_threads(device)
     split, train_set, val_set, val_samples, bad, preprocessing = _build_datasets(config, build_transforms)
     model, load_report = build_model(config, len(split.classes))
     model.to(device)
@@ -155,10 +157,10 @@ def resolve_run_preprocessing(config: TrainConfig) -> Preprocessing:
 
 def _builtin_weights(weights: str) -> str | None:
     """The weights create_model loads itself; None for 'none' and for a file (loaded afterwards)."""
-    return None if weights.lower() == "none" or _is_weights_file(weights) else weights
+    return None if weights.lower() == "none" or is_weights_file(weights) else weights
 
 
-def _is_weights_file(weights: str) -> bool:
+def is_weights_file(weights: str) -> bool:
     return Path(weights).expanduser().exists() or any(
         weights.endswith(suffix) for suffix in (".safetensors", ".pth", ".pt", ".ckpt", ".bin"))
 
@@ -169,7 +171,7 @@ def build_model(config: TrainConfig, num_classes: int) -> tuple[nn.Module, dict 
     from visiontune.models import create_model
 
     model = create_model(config.model, num_classes=num_classes, weights=_builtin_weights(config.weights))
-    if not _is_weights_file(config.weights):
+    if not is_weights_file(config.weights):
         return model, None
     from visiontune.checkpoint import load_weights
 
