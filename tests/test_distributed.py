@@ -7,6 +7,8 @@ same code run in this one process. Process start-up dominates the cost, so it is
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 import socket
 import subprocess
@@ -20,7 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
+from conftest import make_image_folder
 from visiontune import distributed
+from visiontune.cli import main
 from visiontune.errors import ConfigError
 from visiontune.metrics import ClassificationMetrics
 
@@ -369,9 +373,6 @@ def _torchrun(*arguments: str) -> list[str]:
 def engine_runs(tmp_path_factory) -> dict:
     """One single-process run, one straight two-process run, and one two-process run whose rank 1
     is killed in epoch 2 and which is then resumed with ``visiontune train --nproc 2 --resume``."""
-    from conftest import make_image_folder
-    from visiontune.cli import main
-
     root = tmp_path_factory.mktemp("engine")
     data = make_image_folder(root / "data", per_class=8, val_per_class=3)
     recipe = ["train", "--data", str(data), *ENGINE_RECIPE, "--quiet"]
@@ -396,8 +397,6 @@ def _max_difference(first: dict, second: dict) -> float:
 
 
 def _csv_rows(path: Path) -> list[dict]:
-    import csv
-
     return list(csv.DictReader(open(path)))
 
 
@@ -420,8 +419,6 @@ def test_torchrun_engine_run_trains_the_same_weights_and_metrics_as_one_process(
     assert len(two_predictions) == 9
     assert [(row["path"], row["predicted"]) for row in one_predictions] == \
            [(row["path"], row["predicted"]) for row in two_predictions]
-    import json
-
     one_final = json.loads((root / "one" / "report.json").read_text())["final"]
     two_final = json.loads((root / "two" / "report.json").read_text())["final"]
     assert two_final["num_images"] == 9

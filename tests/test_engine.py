@@ -128,3 +128,39 @@ def test_patience_stops_a_run_that_no_longer_improves(tmp_path):
     assert len(list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))) == 2
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["stopped_early"] is True and report["epochs_planned"] == 5
+
+
+def test_tensorboard_scalars_are_written_when_the_package_is_there(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    from visiontune.artifacts import TensorBoardLog
+
+    written = []
+
+    class FakeWriter:
+        def __init__(self, log_dir):
+            written.append(("dir", log_dir))
+
+        def add_scalar(self, tag, value, step):
+            written.append((tag, value, step))
+
+        def flush(self):
+            pass
+
+        def close(self):
+            written.append(("closed",))
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeWriter))
+    log = TensorBoardLog(tmp_path)
+    log.add_row({"epoch": 2, "phase": "full", "train_loss": 0.5, "val_acc": 0.75, "val_top5": None})
+    log.close()
+    assert written == [("dir", str(tmp_path / "tensorboard")), ("train/loss", 0.5, 2), ("val/acc", 0.75, 2), ("closed",)]
+
+
+def test_interrupt_message_points_to_resume_only_when_there_is_a_checkpoint(tmp_path):
+    from visiontune.commands.train import interrupted_message
+
+    assert "nothing to resume" in interrupted_message(str(tmp_path))
+    (tmp_path / "last.ckpt").write_bytes(b"x")
+    assert f"--resume {tmp_path}" in interrupted_message(str(tmp_path))

@@ -127,7 +127,7 @@ def test_a_weights_file_is_loaded_and_its_report_kept(tmp_path):
                    "--out", str(run_dir)])
     assert status == 0
     report = json.loads((run_dir / "report.json").read_text())["weights_load_report"]
-    assert report["source"].endswith("pretrained.safetensors") and len(report["loaded"]) > 10
+    assert "pretrained.safetensors" in report["source"] and len(report["loaded"]) > 10
     assert all(key.startswith("fc.") for key in report["mismatched"])  # the head is new
     # linear-probe: everything but the head still holds the file's weights
     trained = load_run(run_dir, checkpoint="last").model.state_dict()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from visiontune.config import add_config_arguments, config_from_args, given_config_values
 
@@ -32,19 +33,16 @@ def run(args: argparse.Namespace) -> int:
     from visiontune.engine import resume, train
 
     reporter = ConsoleReporter(quiet=args.quiet)
-    run_dir = args.resume or None
+    config = None
     try:
         if args.resume:
             result = resume(args.resume, overrides=given_config_values(args), reporter=reporter)
         else:
             config = config_from_args(args, args.config_file)
-            run_dir = config.out
-            result = train(config, overwrite=args.overwrite, reporter=reporter)
+            result = train(config, overwrite=args.overwrite, reporter=reporter)  # sets config.out if unset
     except KeyboardInterrupt:
         reporter.close()
-        where = f" --resume {run_dir}" if run_dir else " --resume RUN"
-        print(f"visiontune train: interrupted; the last completed epoch is saved, continue with: "
-              f"visiontune train{where}", file=sys.stderr)
+        print(f"visiontune train: {interrupted_message(args.resume or (config and config.out))}", file=sys.stderr)
         return 130
     finally:
         reporter.close()
@@ -52,6 +50,15 @@ def run(args: argparse.Namespace) -> int:
         print(final_table(result))
     print(f"run folder: {result.run_dir}  (best val accuracy {result.best_accuracy:.4f} at epoch {result.best_epoch})")
     return 0
+
+
+def interrupted_message(run_dir: str | None) -> str:
+    from visiontune.run import LAST_CHECKPOINT
+
+    if run_dir and (Path(run_dir) / LAST_CHECKPOINT).is_file():
+        return (f"interrupted; the last completed epoch is saved in {Path(run_dir) / LAST_CHECKPOINT}, "
+                f"continue with: visiontune train --resume {run_dir}")
+    return "interrupted before the first epoch finished; nothing to resume"
 
 
 class ConsoleReporter:

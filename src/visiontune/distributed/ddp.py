@@ -1,9 +1,8 @@
 """The model under DistributedDataParallel: wrapping (frozen parameters left out), SyncBatchNorm,
-BatchNorm buffers, gradient accumulation."""
+BatchNorm buffers."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import weakref
 
@@ -99,11 +98,3 @@ def sync_buffers_from_main(model: nn.Module) -> None:
         dist.broadcast(staged, src=0)
         if staged is not buffer.data:
             buffer.data.copy_(staged)
-
-
-def gradient_sync(model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
-    """``with gradient_sync(model, sync=last_micro_step):`` skips DDP's all-reduce on gradient
-    accumulation steps that are not the last; a no-op outside DDP."""
-    if sync or not isinstance(model, DistributedDataParallel):
-        return contextlib.nullcontext()
-    return model.no_sync()
