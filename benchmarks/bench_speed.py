@@ -64,7 +64,8 @@ class Sizes:
     r18_steps: int
 
 
-DEFAULT = Sizes(per_class=100, image_size=96, probe_epochs=20, full_images=24, full_epochs=3, batch_size=32, r18_steps=3)
+DEFAULT = Sizes(per_class=100, image_size=96, probe_epochs=20, full_images=24, full_epochs=3, batch_size=32,
+                r18_steps=3)
 QUICK = Sizes(per_class=40, image_size=64, probe_epochs=20, full_images=10, full_epochs=2, batch_size=16, r18_steps=2)
 
 
@@ -129,7 +130,8 @@ PLAIN_SCRIPT = textwrap.dedent('''
     epochs, batch_size, size = int(epochs), int(batch_size), int(size)
     resize = round(size / 0.875)  # timm's crop_pct for efficientnet_lite0
     normalize = transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
-    evaluation = transforms.Compose([transforms.Resize(resize), transforms.CenterCrop(size), transforms.ToTensor(), normalize])
+    evaluation = transforms.Compose([transforms.Resize(resize), transforms.CenterCrop(size), transforms.ToTensor(),
+                                     normalize])
     if strategy == "linear-probe":
         training = evaluation
     else:
@@ -200,7 +202,8 @@ def row_linear_probe(work: Path, data: Path, script: Path, sizes: Sizes) -> Row:
 
 def row_full_finetune(work: Path, data: Path, script: Path, sizes: Sizes) -> Row:
     _, plain_rows = plain_train(script, data, sizes, "full", sizes.full_epochs)
-    _, our_rows = visiontune_train(data, work / "full-run", sizes, "full", sizes.full_epochs, ["--augment", "basic"], {})
+    _, our_rows = visiontune_train(data, work / "full-run", sizes, "full", sizes.full_epochs,
+                                   ["--augment", "basic"], {})
     plain_rate, our_rate = plain_rows[-1]["images_per_s"], float(our_rows[-1]["images_per_s"])
     return Row("2. full fine-tune, steady-state images/s", our_rate, plain_rate, "img/s", our_rate / plain_rate,
                ">= 1.0x", our_rate >= plain_rate, f"last of {sizes.full_epochs} epochs")
@@ -276,6 +279,7 @@ def memory_of_step(model, batch, labels) -> tuple[int, int]:
 
 
 def row_partial(sizes: Sizes) -> list[Row]:
+    from visiontune.device import prefers_channels_last
     from visiontune.freeze import freeze
     from visiontune.models import create_model
 
@@ -284,6 +288,8 @@ def row_partial(sizes: Sizes) -> list[Row]:
     results = {}
     for train in ("all", 1):
         model = create_model(MODEL, num_classes=10)
+        if prefers_channels_last(model):  # as build_training places it
+            model.to(memory_format=torch.channels_last)
         freeze(model, train=train, bn="frozen")
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
         activations, total = memory_of_step(model, batch, labels)

@@ -37,7 +37,7 @@ def test_packaged_imagenet_weights_fill_every_tensor_of_timm_efficientnet_lite0(
 @pytest.mark.slow
 def test_shortened_demo_trains_well_above_chance(tmp_path, capsys):
     out = tmp_path / "demo"
-    status = main(["demo", "--out", str(out), "--per-class", "24", "--epochs", "2", "--image-size", "32",
+    status = main(["demo", "--out", str(out), "--per-class", "24", "--epochs", "2",
                    "--device", "cpu"])
     printed = capsys.readouterr().out
     assert status == 0

@@ -8,17 +8,29 @@ from collections import namedtuple
 
 import pytest
 import torch
+from conftest import make_image_folder
 from torch import nn
 
-from conftest import make_image_folder
 from visiontune.cli import main
 from visiontune.errors import VisiontuneError
-from visiontune.export import (ExportVerificationError, describe_export, export_model, load_exported,
-                               require_onnx_runtime, verify_export)
+from visiontune.export import (
+    describe_export,
+    export_model,
+    load_exported,
+    require_onnx_runtime,
+    verify_export,
+)
 
-pytest.importorskip("onnxruntime", reason="pip install visiontune[export]")
+try:
+    import onnx  # noqa: F401
+    import onnxruntime  # noqa: F401
+    import onnxscript  # noqa: F401
 
-FORMATS = ("onnx", "torchscript")
+    HAVE_ONNX = True
+except ImportError:
+    HAVE_ONNX = False
+needs_onnx = pytest.mark.skipif(not HAVE_ONNX, reason="pip install visiontune[export] (make test installs it)")
+FORMATS = (pytest.param("onnx", marks=needs_onnx), "torchscript")
 Outputs = namedtuple("Outputs", ["logits", "aux_logits"])
 
 
@@ -90,13 +102,15 @@ def test_a_file_that_does_not_match_fails_verification(tmp_path, format):
 
 
 def test_tolerance_is_relative_for_logits_larger_than_one(monkeypatch):
-    import visiontune.export as export
+    from visiontune import export
 
     for factor, relative_error, passes in ((1e6, 1e-5, True), (1e6, 1e-2, False), (1e-3, 0.5, True)):
         model = nn.Sequential(_tiny_model(), _Scale(factor)).eval()  # logits of about `factor` in size
         # an "exported file" whose logits are off by relative_error
-        monkeypatch.setattr(export, "load_exported",
-                            lambda path, format: lambda batch: model(batch).detach() * (1 + relative_error))
+        def off_by(path, format, model=model, relative_error=relative_error):
+            return lambda batch: model(batch).detach() * (1 + relative_error)
+
+        monkeypatch.setattr(export, "load_exported", off_by)
         check = verify_export(model, "unused", "torchscript", torch.randn(3, 3, 12, 12))
         assert check.passed is passes, (factor, relative_error)
         assert check.logit_scale == pytest.approx(max(1.0, model(torch.randn(3, 3, 12, 12)).abs().max().item()),
@@ -145,13 +159,14 @@ TINY = ["--model", "resnet18", "--weights", "none", "--image-size", "32", "--bat
         "--seed", "0", "--device", "cpu", "--quiet"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
-    pytest.importorskip("visiontune.models")
-    root = tmp_path_factory.mktemp("export")
-    data = make_image_folder(root / "data", per_class=4, val_per_class=2)
-    run_dir = root / "run"
-    assert main(["train", "--data", str(data), *TINY, "--epochs", "1", "--lr", "0.001", "--out", str(run_dir)]) == 0
+    """A 1-epoch resnet18 run through the CLI; shared with tests/test_report_html.py (same folder)."""
+    root = tmp_path_factory.getbasetemp() / "tiny_trained_run"
+    data, run_dir = root / "data", root / "run"
+    if not (run_dir / "report.json").is_file():
+        make_image_folder(data, per_class=4, val_per_class=2)
+        assert main(["train", "--data", str(data), *TINY, "--epochs", "1", "--lr", "0.001", "--out", str(run_dir)]) == 0
     return data, run_dir
 
 
@@ -160,7 +175,7 @@ def tiny_run(tmp_path_factory):
 def test_cli_export_of_a_trained_run(tiny_run, tmp_path, format, capsys):
     from visiontune.run import load_run
 
-    data, run_dir = tiny_run
+    _, run_dir = tiny_run
     out = tmp_path / "deploy" / f"classifier.{format}"
     assert main(["export", "--run", str(run_dir), "--format", format, "--out", str(out)]) == 0
     printed = capsys.readouterr().out
@@ -189,7 +204,7 @@ def test_cli_export_without_the_data_uses_random_inputs_and_says_so(tiny_run, tm
 
 @pytest.mark.slow
 def test_cli_export_fails_above_the_tolerance_and_removes_the_file(tiny_run, tmp_path, capsys, monkeypatch):
-    import visiontune.export as export
+    from visiontune import export
 
     _, run_dir = tiny_run
     original = export.load_exported
@@ -219,7 +234,8 @@ def test_notebook_surface_predicts_in_three_lines_like_the_run_did(tiny_run):
     from visiontune.data.transforms import build_eval_transform
 
     _, run_dir = tiny_run
-    rows = list(csv.DictReader(open(run_dir / "val_predictions.csv")))
+    with open(run_dir / "val_predictions.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
 
     run = visiontune.load_run(run_dir)
     batch = torch.stack([build_eval_transform(run.preprocessing)(load_image(row["path"])) for row in rows])

@@ -81,6 +81,8 @@ def test_unknown_prefix_lists_valid_names():
         freeze(resnet18(), "head", bn="eval")
     with pytest.raises(ConfigError, match=">= 0"):
         freeze(resnet18(), -1)
+    with pytest.raises(ConfigError, match="must be 'head', 'all'"):
+        freeze(resnet18(), True)
 
 
 def test_frozen_batchnorm_keeps_statistics_through_train_mode():

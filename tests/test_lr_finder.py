@@ -156,10 +156,10 @@ def test_plot_writes_a_png(tmp_path):
 
 @pytest.mark.slow
 def test_cli_lr_find_prints_the_suggestion_and_writes_the_plot(tmp_path, capsys):
-    pytest.importorskip("visiontune.models")
     import json
 
     from conftest import make_image_folder
+
     from visiontune.cli import main
 
     data = make_image_folder(tmp_path / "data", per_class=4, val_per_class=2)

@@ -50,8 +50,8 @@ def _fill_cheaply(model: torch.nn.Module, keep: list[str]) -> None:
             continue
         flat = param.view(-1)
         fan_in = max(1, param[0].numel()) if param.ndim > 1 else 1
-        scale = 1.0 / fan_in ** 0.5 if param.ndim > 1 else 0.1
-        scaled = pool * scale
+        scale = (6.0 / fan_in) ** 0.5 if param.ndim > 1 else 0.1  # He-uniform: activations keep their scale
+        scaled = pool[: flat.numel()] * scale
         for start in range(0, flat.numel(), pool.numel()):
             chunk = flat[start:start + pool.numel()]
             chunk.copy_(scaled[: chunk.numel()])

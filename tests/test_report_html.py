@@ -10,7 +10,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-from conftest import make_image
+from conftest import make_image, make_image_folder
 from PIL import Image
 
 from visiontune.cli import main
@@ -70,8 +70,12 @@ def _fake_run(root: Path, *, wrong: int = 3) -> Path:
     per_class = {name: {"precision": 0.5, "recall": 0.75, "f1": 0.6, "support": 4} for name in CLASSES}
     report = {"model": "resnet18", "weights": "init.safetensors", "best_val_accuracy": 0.75, "best_epoch": 2,
               "final": {"accuracy": 0.75, "per_class": per_class, "confusion": [[3, 1, 0], [0, 4, 0], [1, 1, 2]]},
-              "weights_load_report": {"loaded": ["layer1.0.conv1.weight", "fc.weight"],
-                                      "skipped_shape_mismatch": ["fc.bias <mismatch>"], "missing": []}}
+              "weights_load_report": {  # visiontune.checkpoint.LoadReport.to_dict()
+                  "source": "init.safetensors", "match": "auto",
+                  "loaded": {f"layer{i}.weight": f"layer{i}.weight" for i in range(100)},
+                  "missing": [], "unexpected": ["aux.weight"],
+                  "mismatched": {"fc.weight": {"model_shape": [3, 512], "checkpoint_shape": [1000, 512],
+                                               "checkpoint_key": "fc.weight <old>"}}}}
     (run / "report.json").write_text(json.dumps(report))
     (run / "metrics.csv").write_text("epoch,phase,lr,train_loss,train_acc,val_loss,val_acc\n"
                                      "1,full,0.001,1.2,0.4,1.1,0.5\n2,full,0.0005,0.8,0.7,0.9,0.75\n")
@@ -120,10 +124,14 @@ def test_report_has_every_section_and_every_image_inlined(tmp_path):
     wrong = page.sections["most-wrong"]
     assert "3 of 6" in wrong and "img_2.png" in wrong and "img_4.png" not in wrong
     assert wrong.index("img_2.png") < wrong.index("img_0.png")  # highest loss first
-    assert "true: cat" in wrong and "predicted: <b>bird</b>" in wrong  # parsed text = the raw label
+    # the parsed text is the raw label ...
+    assert "true: cat" in wrong and "predicted: <b>bird</b>" in wrong and "(90% sure)" in wrong
     assert "<b>bird</b>" not in text and "&lt;b&gt;bird&lt;/b&gt;" in text  # ... because it was escaped
     assert "model: resnet18" in page.sections["configuration"]
-    assert "fc.bias <mismatch>" in page.sections["load-report"]
+    load_report = page.sections["load-report"]
+    assert "loaded: 100" in load_report and "unexpected: 1" in load_report and "mismatched: 1" in load_report
+    assert "fc.weight <old>" in load_report and "1000" in load_report and "aux.weight" in load_report
+    assert "layer7.weight" not in load_report  # what loaded is only counted
     per_class = page.sections["per-class"]
     assert all(name in per_class for name in CLASSES) and "0.75" in per_class and "precision" in per_class
     assert "best_val_accuracy" in page.sections["summary"]
@@ -182,3 +190,38 @@ def test_cli_report(tmp_path, capsys):
     assert len(_Page(out.read_text()).images) == 3
     assert main(["report", "--run", str(tmp_path / "missing")]) == 2
     assert "not a visiontune run folder" in capsys.readouterr().err
+
+
+# -- the real run format -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A 1-epoch resnet18 run through the CLI; shared with tests/test_export.py (same folder)."""
+    root = tmp_path_factory.getbasetemp() / "tiny_trained_run"
+    data, run_dir = root / "data", root / "run"
+    if not (run_dir / "report.json").is_file():
+        make_image_folder(data, per_class=4, val_per_class=2)
+        assert main(["train", "--data", str(data), "--model", "resnet18", "--weights", "none", "--image-size", "32",
+                     "--batch-size", "8", "--workers", "0", "--seed", "0", "--device", "cpu", "--quiet",
+                     "--epochs", "1", "--lr", "0.001", "--out", str(run_dir)]) == 0
+    return data, run_dir
+
+
+@pytest.mark.slow
+def test_report_of_a_real_run(tiny_run):
+    _, run_dir = tiny_run
+    with open(run_dir / "val_predictions.csv", newline="") as handle:
+        predictions = list(csv.DictReader(handle))
+    wrong = sum(row["label"] != row["predicted"] for row in predictions)
+
+    page = _Page(write_report(run_dir, out=run_dir / "report_test.html").read_text())
+
+    assert set(SECTIONS) <= set(page.sections)
+    sections = [image["section"] for image in page.images]
+    assert sections.count("curves") == 1 and sections.count("confusion") == 1
+    assert sections.count("most-wrong") == min(wrong, 24)
+    assert len(_decoded_images(page)) == len(page.images) and not page.external
+    assert all(name in page.sections["per-class"] for name in ("blue", "green", "red"))
+    assert "resnet18" in page.sections["configuration"] and "best_val_accuracy" in page.sections["summary"]
+    assert "no weights file was loaded" in page.sections["load-report"]  # --weights none

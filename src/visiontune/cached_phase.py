@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from visiontune import distributed
 from visiontune.feature_cache import (
     CachedFeatures,
     CachePlan,
@@ -119,12 +120,29 @@ class PhaseInputs:
         # The image loader's own sampler: the same seeded order; features need no worker processes.
         train_loader = DataLoader(self._train_view, batch_size=train.batch_size, sampler=train.sampler,
                                   drop_last=train.drop_last)
-        val_loader = DataLoader(val_cache.dataset(0), batch_size=setup.val_loader.batch_size, shuffle=False)
+        val_features = val_cache.dataset(0)
+        val_loader = DataLoader(val_features, batch_size=setup.val_loader.batch_size,
+                                sampler=distributed.make_eval_sampler(val_features))
         return EpochInputs(find_head(setup.model)[1], train_loader, val_loader)
+
+    def _sharded_cache(self, dataset, views: int) -> CachedFeatures:
+        """Under torchrun: each process runs the backbone over its shard of the images (rows r,
+        r+W, ...) and the shards are gathered back into dataset order, so every image's features
+        are computed once rather than once per process. Kept in memory: every process needs all
+        of them, since each epoch's shard of the training order is different."""
+        setup = self.setup
+        local = build_feature_cache(
+            setup.model, distributed.shard_dataset(dataset), views=views, batch_size=setup.config.batch_size,
+            device=setup.device, store="memory", seed=setup.config.seed)
+        features = torch.stack([distributed.all_gather_shards(torch.as_tensor(local.features[view]), len(dataset))
+                                for view in range(views)])
+        return CachedFeatures(features, distributed.all_gather_shards(local.labels, len(dataset)), "memory")
 
     def _cache(self, dataset, views: int, store: str) -> CachedFeatures:
         """Features of ``dataset``; a disk entry is keyed by its files when it reads files."""
         setup = self.setup
+        if distributed.world_size() > 1:
+            return self._sharded_cache(dataset, views)
         samples = getattr(dataset, "samples", None)  # ImageDataset has them; decoded images live in memory
         key = None
         if samples is not None:

@@ -86,6 +86,8 @@ class TrainConfig:
     device: str = field(default="auto", metadata=_option("where to train", choices=("auto", "cpu", "cuda")))
     precision: str = field(default="auto", metadata=_option(
         "auto: bf16/fp16 autocast where the device supports it, else fp32", choices=("auto", "fp32", "bf16", "fp16")))
+    sync_bn: bool = field(default=False, metadata=_option(
+        "multi-GPU (torchrun): share BatchNorm statistics across GPUs (SyncBatchNorm), for full fine-tuning"))
     workers: int | None = field(default=None, metadata=_option(
         "data loader worker processes (default: min(4, CPUs - 1))", low=0))
     feature_cache: str = field(default="auto", metadata=_option(

@@ -34,10 +34,12 @@ class DemoOptions:
     """What the demo does; the defaults reach >= 95% validation accuracy in well under 3 minutes on 2 CPU cores."""
 
     out: Path = Path("visiontune-demo")  # folder for the images (digits/) and the run (run/)
-    epochs: int = 3  # in total: 1 head-only epoch, then the whole network
+    epochs: int = 5  # in total: 1 head-only epoch, then the whole network
     per_class: int | None = None  # images per digit (None: all ~180); fewer for a quick check
-    image_size: int = 32  # crop size in pixels fed to the network
-    batch_size: int = 32
+    # Crop size in pixels. At 32 px the ImageNet features of these tiny scans collapse (a linear
+    # probe reaches ~30%); at 64 px the head alone reaches ~80% and fine-tuning the rest goes on from there.
+    image_size: int = 64
+    batch_size: int = 16  # small batches: more steps per epoch on only ~1,400 training images
     lr: float = 1e-3  # backbone learning rate after unfreezing (the head gets 10x)
     val_fraction: float = 0.2  # held out per digit, seeded
     seed: int = 0

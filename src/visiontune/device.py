@@ -109,6 +109,15 @@ def configure_threads(device: torch.device) -> int:
     return threads
 
 
+def out_of_memory_error(error: BaseException, batch_size: int) -> ConfigError:
+    """A CUDA out-of-memory error turned into advice: the batch is the usual culprit."""
+    detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    smaller = f"--batch-size {batch_size // 2}, " if batch_size > 1 else ""
+    return ConfigError(
+        f"the GPU ran out of memory with --batch-size {batch_size} ({detail}); try a smaller batch ({smaller}"
+        "--precision bf16 or fp16 also halves activations), a smaller --image-size, or a smaller model")
+
+
 def is_main_process() -> bool:
     """Only rank 0 writes the run folder and prints. Single-process runs are rank 0; under
     torchrun (issue #6) RANK is set for every process."""

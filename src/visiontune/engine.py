@@ -17,9 +17,10 @@ from typing import Protocol
 
 import torch
 
+from visiontune import distributed
 from visiontune.config import TrainConfig, config_from_dict, validate
 from visiontune.errors import ConfigError
-from visiontune.loops import EpochStats, evaluate, train_one_epoch
+from visiontune.loops import EpochStats, NonFiniteLossError, evaluate, require_finite, train_one_epoch
 from visiontune.run import (capture_rng_state, check_run_dir, default_run_dir, load_training_state, prepare_run_dir,
                             restore_rng_state, save_best_weights, save_training_state, write_metrics_csv,
                             write_run_header)
@@ -73,17 +74,25 @@ class TrainResult:
 
 
 def train(config: TrainConfig, *, overwrite: bool = False, reporter: Reporter | None = None) -> TrainResult:
-    """Fine-tune ``config.model`` on ``config.data`` into the run folder ``config.out``."""
+    """Fine-tune ``config.model`` on ``config.data`` into the run folder ``config.out``.
+
+    Under torchrun every process calls this, and they form one process group for the call."""
+    with distributed.session():
+        return _train(config, overwrite=overwrite, reporter=reporter)
+
+
+def _train(config: TrainConfig, *, overwrite: bool, reporter: Reporter | None) -> TrainResult:
     config = validate(config)
     if config.out is None:
-        config.out = str(default_run_dir(config.model))
+        config.out = distributed.broadcast_object(str(default_run_dir(config.model)))  # rank 0's timestamp
     # Absolute paths in the saved config, so that --resume works from any directory.
     config.data = str(Path(config.data).expanduser().absolute())
     if is_weights_file(config.weights):
         config.weights = str(Path(config.weights).expanduser().absolute())
     run_dir = Path(config.out)
     # Refuse an existing folder before spending time on data and model; create it only once they work.
-    check_run_dir(run_dir, overwrite=overwrite)
+    # The main process decides, so no process mistakes the folder another has just created.
+    distributed.on_main_process(check_run_dir, run_dir, overwrite=overwrite)
     auto_lr = config.lr == "auto"
     if auto_lr:
         _require_lr_finder()
@@ -91,7 +100,7 @@ def train(config: TrainConfig, *, overwrite: bool = False, reporter: Reporter | 
     setup = build_training(config)
     if auto_lr:
         _apply_lr_finder(setup)
-    prepare_run_dir(run_dir, overwrite=overwrite)
+    distributed.on_main_process(prepare_run_dir, run_dir, overwrite=overwrite)
     write_run_header(run_dir, setup.config, setup.classes, setup.preprocessing)
     state = _fresh_state(setup)
     return fit(setup, state, run_dir, reporter or LogReporter())
@@ -99,8 +108,13 @@ def train(config: TrainConfig, *, overwrite: bool = False, reporter: Reporter | 
 
 def resume(run_dir: str | Path, *, overrides: dict | None = None, reporter: Reporter | None = None) -> TrainResult:
     """Continue ``run_dir`` from ``last.ckpt`` with its saved configuration."""
-    run_dir = Path(run_dir)
-    state = load_training_state(run_dir)
+    with distributed.session():
+        return _resume(Path(run_dir), overrides=overrides, reporter=reporter)
+
+
+def _resume(run_dir: Path, *, overrides: dict | None, reporter: Reporter | None) -> TrainResult:
+    # The main process reads last.ckpt first, so a missing or broken one stops every process alike.
+    state = distributed.main_process_first(load_training_state, run_dir)
     if state.get("format") != STATE_FORMAT:
         raise ConfigError(f"{run_dir / 'last.ckpt'} was written by an incompatible visiontune version")
     overrides = dict(overrides or {})
@@ -164,12 +178,15 @@ def fit(setup: TrainingSetup, state: dict, run_dir: Path, reporter: Reporter) ->
             reporter.start_epoch(epoch + 1, config.epochs, steps_per_epoch, phase.name)
             inputs = phase_inputs.for_epoch(phase_index, epoch)  # also sets the sampler's epoch
             stats = train_one_epoch(
-                inputs.model, inputs.train_loader, setup.optimizer, setup.loss_fn, setup.device,
+                distributed.ddp_view(inputs.model, setup.device),  # DDP under torchrun, else the model itself
+                inputs.train_loader, setup.optimizer, setup.loss_fn, setup.device,
                 schedule=schedule, first_step=state["step"] - state["phase_start_step"],
                 precision=setup.precision, scaler=scaler, batch_mixer=setup.batch_mixer,
                 grad_clip=config.grad_clip, on_batch=reporter.advance)
+            distributed.sync_buffers_from_main(model)  # BN statistics: every process evaluates rank 0's model
             evaluation = evaluate(inputs.model, inputs.val_loader, setup.device, setup.classes,
                                   precision=setup.precision)
+            require_finite(evaluation.metrics["loss"], "validation loss")  # before anything is saved
             state.setdefault("feature_cache", {}).update(phase_inputs.plans)  # phase -> cache plan, for the report
             row = _metrics_row(epoch + 1, phase.name, stats, evaluation.metrics, evaluation.seconds)
             state["step"] += stats.steps
@@ -187,7 +204,16 @@ def fit(setup: TrainingSetup, state: dict, run_dir: Path, reporter: Reporter) ->
             _save_state(run_dir, state, setup, scaler)
             write_metrics_csv(run_dir, state["history"])
             tensorboard.add_row(row)
+            distributed.barrier()  # the checkpoints are complete before any process reads them
             reporter.end_epoch(row)
+    except NonFiniteLossError as error:
+        kept = (f"{run_dir}/last.ckpt and best.safetensors keep epoch {state['epoch']}, the last good one"
+                if state["epoch"] else "no epoch finished, so nothing was saved")
+        raise NonFiniteLossError(f"epoch {state['epoch'] + 1}: {error}; {kept}") from None
+    except torch.cuda.OutOfMemoryError as error:
+        from visiontune.device import out_of_memory_error
+
+        raise out_of_memory_error(error, config.batch_size) from None
     except KeyboardInterrupt:
         log.warning("interrupted; %s/last.ckpt holds epoch %d, continue with: visiontune train --resume %s",
                     run_dir, state["epoch"], run_dir)
@@ -198,6 +224,7 @@ def fit(setup: TrainingSetup, state: dict, run_dir: Path, reporter: Reporter) ->
         log.info("stopped early after epoch %d: no better validation accuracy for %d epochs",
                  state["epoch"], config.patience)
     metrics = write_final_artifacts(setup, state, run_dir)
+    distributed.barrier()  # the run folder is complete when any process returns
     return TrainResult(run_dir=run_dir, best_accuracy=state["best_accuracy"], best_epoch=state["best_epoch"],
                        epochs_completed=state["epoch"], stopped_early=stopped_early, metrics=metrics,
                        history=list(state["history"]), model=model)
@@ -238,6 +265,6 @@ def _apply_lr_finder(setup: TrainingSetup) -> None:
                      batch_mixer=setup.batch_mixer, reference_lr=LR_FINDER_REFERENCE)
     if result.suggestion is None:
         raise ConfigError("--lr auto: the LR finder found no usable learning rate; give --lr explicitly")
-    config.lr = float(result.suggestion)
+    config.lr = distributed.broadcast_object(float(result.suggestion))  # one rate for every process
     log.info("LR finder suggests lr %.3g (%s)", config.lr, result.method)
     setup.optimizer = build_optimizer(setup.model, setup.phases[0], config)

@@ -90,7 +90,7 @@ def require_onnx_runtime() -> None:
     """ONNX export needs optional packages; say exactly which are missing and how to get them."""
     missing = [name for name in ("onnx", "onnxscript", "onnxruntime") if not _importable(name)]
     if missing:
-        raise VisiontuneError(f"ONNX export needs {', '.join(missing)}, which are not installed: {_EXPORT_EXTRA}")
+        raise VisiontuneError(f"ONNX export needs {', '.join(missing)} (not installed): {_EXPORT_EXTRA}")
 
 
 def _importable(module: str) -> bool:
@@ -132,7 +132,8 @@ def prepare_for_export(model: nn.Module, example: torch.Tensor) -> nn.Module:
 
 
 def export_model(model: nn.Module, path: str | Path, format: str, example: torch.Tensor) -> Path:
-    """Write ``model`` (eval mode, CPU) to ``path`` with a dynamic batch dimension.
+    """Write ``model`` to ``path`` with a dynamic batch dimension. The model is moved to the CPU
+    in float32 and put in eval mode (in place: export a copy to keep a GPU model where it is).
 
     ``example`` is a normalised input batch ``(N, C, H, W)``; its C, H and W are fixed in the graph.
     """
@@ -156,7 +157,7 @@ def _export_onnx(model: nn.Module, path: Path, example: torch.Tensor) -> None:
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     external_data = weight_bytes > _ONNX_INLINE_WEIGHT_LIMIT
     batch = torch.export.Dim("batch", min=1, max=65536)
-    common = dict(input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], external_data=external_data)
+    common = {"input_names": [INPUT_NAME], "output_names": [OUTPUT_NAME], "external_data": external_data}
     try:
         # The exporter reports its progress on stdout; the library stays quiet.
         with contextlib.redirect_stdout(io.StringIO()):
@@ -225,7 +226,7 @@ def verify_export(
         run_exported = load_exported(path, format)
     except VisiontuneError:
         raise
-    except Exception as error:  # noqa: BLE001 - a file its runtime cannot load is a failed export
+    except Exception as error:
         raise ExportVerificationError(f"the exported {format} file {path} cannot be loaded: {error}") from error
     per_batch_size: dict[int, float] = {}
     scale = 1.0
@@ -235,7 +236,7 @@ def verify_export(
             expected = model(batch)
         try:
             actual = run_exported(batch)
-        except Exception as error:  # noqa: BLE001
+        except Exception as error:
             raise ExportVerificationError(
                 f"the exported {format} file {path} fails on a batch of {size}: {error}"
             ) from error
@@ -278,8 +279,8 @@ def describe_export(format: str, path: Path, input_shape: tuple[int, ...], class
         "preprocessing": {
             **preprocessing,
             "steps": [
-                f"resize the shorter side to {preprocessing.get('resize_size')} px "
-                f"({preprocessing.get('interpolation', 'bilinear')} interpolation)",
+                (f"resize the shorter side to {preprocessing.get('resize_size')} px "
+                 f"({preprocessing.get('interpolation', 'bilinear')} interpolation)"),
                 f"centre-crop {preprocessing.get('crop_size')} x {preprocessing.get('crop_size')}",
                 "scale pixel values to [0, 1]",
                 "subtract mean and divide by std, per RGB channel",

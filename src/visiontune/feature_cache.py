@@ -91,8 +91,6 @@ def plan_feature_cache(
     BatchNorm in eval mode), to see which layers would behave differently while training."""
     from visiontune.heads import find_head
 
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return _off("distributed training: a head trained outside the wrapped model would not sync gradients")
     head_name, head = find_head(model)
     head_params = {id(p) for p in head.parameters()}
     outside = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in head_params]

@@ -211,7 +211,7 @@ def _trainable_prefixes(model: nn.Module, groups: list[LayerGroup], train) -> li
             raise ConfigError(f"train={train} must be >= 0 (the number of layer groups to train before the head)")
         chosen = groups[-1 - train:] if train < len(groups) - 1 else groups
         return [p for g in chosen for p in g.modules]
-    names = [train] if isinstance(train, str) else list(train)
+    names = [train] if isinstance(train, str) else list(train) if isinstance(train, Sequence) else []
     if not names or not all(isinstance(n, str) for n in names):
         raise ConfigError(f"train={train!r} must be 'head', 'all', an int or a list of module names")
     by_group = {g.name: g.modules for g in groups}

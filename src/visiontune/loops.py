@@ -6,6 +6,7 @@ head-only model (frozen backbones) can be passed in unchanged.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -14,12 +15,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from visiontune import distributed
 from visiontune.device import Precision, autocast
+from visiontune.errors import VisiontuneError
 from visiontune.schedule import Schedule, set_learning_rates
 
 # torchvision's weights for the auxiliary classifiers' losses (GoogLeNet has two, Inception v3 one).
 AUX_WEIGHT_ONE_HEAD = 0.4
 AUX_WEIGHT_TWO_HEADS = 0.3
+# Steps between checks that the running loss is finite: each check waits for the device, so not every step.
+FINITE_CHECK_EVERY = 8
+
+
+class NonFiniteLossError(VisiontuneError):
+    """The loss became NaN or infinite: the weights are ruined, so the run stops (CLI exit status 2)."""
+
+
+def require_finite(value: float, what: str) -> None:
+    if not math.isfinite(value):
+        raise NonFiniteLossError(
+            f"the {what} became {value} (not a finite number): the learning rate is probably too high for this "
+            "model and data; lower --lr (and --head-lr), set --grad-clip 1.0, or use --precision fp32")
 
 
 @dataclass
@@ -117,11 +133,18 @@ def train_one_epoch(
         correct += (main_logits(outputs).detach().argmax(dim=1) == labels).sum()
         images_seen += batch
         steps += 1
+        if steps % FINITE_CHECK_EVERY == 0:
+            require_finite(loss_sum.item(), f"training loss in step {steps} of the epoch")
         if on_batch is not None:
             on_batch(batch)
+    require_finite(loss_sum.item(), "training loss")
     seconds = time.perf_counter() - started
+    # Under torchrun: the whole epoch's numbers, over every process's shard.
+    total_loss, total_correct, images_seen = distributed.sum_over_processes(
+        loss_sum.item(), correct.item(), images_seen)
+    images_seen = int(images_seen)
     count = max(1, images_seen)
-    return EpochStats(loss=loss_sum.item() / count, accuracy=correct.item() / count, images=images_seen,
+    return EpochStats(loss=total_loss / count, accuracy=total_correct / count, images=images_seen,
                       steps=steps, seconds=seconds, last_lr=lr)
 
 
@@ -160,4 +183,12 @@ def evaluate(
         if keep_predictions:
             confidence, predicted = logits.softmax(dim=1).max(dim=1)
             predictions += list(zip(labels.tolist(), predicted.tolist(), confidence.tolist(), losses.tolist()))
+    if distributed.world_size() > 1 and isinstance(getattr(loader, "sampler", None), distributed.ShardedSampler):
+        # Each process saw its shard of the validation set: sum the metrics, gather the predictions.
+        distributed.all_reduce_metrics(metrics)
+        if keep_predictions:
+            gathered = distributed.all_gather_shards(torch.tensor(predictions, dtype=torch.float64).reshape(-1, 4),
+                                                     len(loader.dataset))
+            predictions = [(int(label), int(predicted), confidence, loss)
+                           for label, predicted, confidence, loss in gathered.tolist()]
     return Evaluation(metrics.compute(), predictions, time.perf_counter() - started)

@@ -190,7 +190,8 @@ def plot_lr_find(result: LRFindResult, path: str | Path) -> Path:
     if result.lrs:
         axes.plot(result.lrs, result.losses)
     if result.suggestion is not None:
-        axes.axvline(result.suggestion, color="tab:red", linestyle="--", label=f"suggested {result.suggestion:.2e} (min/10)")
+        axes.axvline(result.suggestion, color="tab:red", linestyle="--",
+                     label=f"suggested {result.suggestion:.2e} (min/10)")
     if result.valley is not None:
         axes.axvline(result.valley, color="tab:green", linestyle=":", label=f"valley {result.valley:.2e}")
     if axes.get_legend_handles_labels()[0]:

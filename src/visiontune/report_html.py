@@ -31,6 +31,7 @@ REPORT_HTML = "report.html"
 THUMBNAIL_PX = 128  # longest side of the "most wrong" thumbnails
 MAX_WRONG = 24  # how many of the most wrong validation images to show
 MAX_ITEMS = 40  # a load report can list hundreds of tensors: show this many of each list, and the count
+COUNT_ONLY_KEYS = ("loaded",)
 LOAD_REPORT_KEYS = ("weights_load_report", "load_report")  # report.json keys, newest first
 
 _STYLE = """
@@ -112,7 +113,9 @@ def _load_report_section(report: dict) -> str:
     if not isinstance(load_report, dict):
         return _render_value(load_report)
     counts = [f"{_e(key)}: {len(value)}" for key, value in load_report.items() if isinstance(value, (list, dict))]
-    return (f"<p>{' &middot; '.join(counts)}</p>" if counts else "") + _render_value(load_report)
+    # what loaded is the long, unsurprising part: its count says enough; the rest is the news
+    details = {key: value for key, value in load_report.items() if key not in COUNT_ONLY_KEYS}
+    return (f"<p>{' &middot; '.join(counts)}</p>" if counts else "") + _render_value(details)
 
 
 def _curves_section(run_dir: Path) -> str:
@@ -120,7 +123,7 @@ def _curves_section(run_dir: Path) -> str:
     table = _metrics_table(run_dir)
     if image is None and table is None:
         return _missing("curves.png / metrics.csv")
-    return (_img(image, "learning curves") if image else _missing("curves.png")) + (table or "")
+    return (_img(image, "learning curves", plot=True) if image else _missing("curves.png")) + (table or "")
 
 
 def _confusion_section(run_dir: Path, report: dict, classes: list) -> str:
@@ -135,7 +138,7 @@ def _confusion_section(run_dir: Path, report: dict, classes: list) -> str:
         return True
 
     image = _png_file_or_plot(run_dir / "confusion.png", plot)
-    return _img(image, "confusion matrix") if image else _missing("confusion.png")
+    return _img(image, "confusion matrix", plot=True) if image else _missing("confusion.png")
 
 
 def _per_class_section(report: dict) -> str:
@@ -168,7 +171,7 @@ def _most_wrong_section(run_dir: Path, config_text: str | None, max_wrong: int) 
 def _wrong_figure(row: dict, roots: list[Path]) -> str:
     path = row.get("path", "")
     caption = (f"true: {_e(row.get('label', '?'))}<br><span class=\"wrong\">predicted: {_e(row.get('predicted', '?'))}"
-               f"</span> ({_e(_format(_float(row.get('confidence'))))})<br><small>{_e(Path(path).name)}</small>")
+               f"</span> {_e(_percent(row.get('confidence')))}<br><small>{_e(Path(path).name)}</small>")
     thumbnail = _thumbnail(path, roots)
     picture = _img(thumbnail, Path(path).name) if thumbnail else _missing("image not found")
     return f'<figure title="{_e(path)}">{picture}<figcaption>{caption}</figcaption></figure>'
@@ -232,10 +235,10 @@ def _thumbnail(path: str, roots: list[Path]) -> bytes | None:
         return None
 
 
-def _img(png: bytes, alt: str) -> str:
+def _img(png: bytes, alt: str, plot: bool = False) -> str:
     encoded = base64.b64encode(png).decode("ascii")
-    css = "plot" if len(png) > 20_000 else ""
-    return f'<img class="{css}" alt="{_e(alt)}" src="data:image/png;base64,{encoded}">'
+    css = ' class="plot"' if plot else ""  # plots shrink to the page width; thumbnails keep their size
+    return f'<img{css} alt="{_e(alt)}" src="data:image/png;base64,{encoded}">'
 
 
 # -- small renderers ------------------------------------------------------------------------------
@@ -259,7 +262,8 @@ def _render_value(value) -> str:
             return "<em>none</em>"
         shown = list(value.items())[:MAX_ITEMS]
         rows = "".join(f"<tr><th>{_e(key)}</th><td>{_render_value(item)}</td></tr>" for key, item in shown)
-        more = f"<tr><td colspan=\"2\">... and {len(value) - len(shown)} more</td></tr>" if len(value) > len(shown) else ""
+        hidden = len(value) - len(shown)
+        more = f'<tr><td colspan="2">... and {hidden} more</td></tr>' if hidden else ""
         return f"<table>{rows}{more}</table>"
     if isinstance(value, (list, tuple)):
         if not value:
@@ -310,6 +314,11 @@ def _format(value) -> str:
     if isinstance(value, float):
         return "n/a" if math.isnan(value) else f"{value:.4g}"
     return "" if value is None else str(value)
+
+
+def _percent(value) -> str:
+    number = _float(value)
+    return "" if number is None else f"({number:.0%} sure)"
 
 
 def _format_cell(value) -> str:

@@ -194,10 +194,14 @@ def load_training_state(run_dir: str | Path) -> dict:
     path = Path(run_dir) / LAST_CHECKPOINT
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist; --resume needs a run folder written by 'visiontune train'")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any failure here means the file is not a usable checkpoint
-        raise CheckpointError(f"cannot read {path}: {error}") from None
+    from visiontune.checkpoint import read_checkpoint
+
+    # torch.load(weights_only=True) behind a one-line CheckpointError for damaged or code-carrying files.
+    state = read_checkpoint(path)
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        raise CheckpointError(f"{path} is not a visiontune training checkpoint (it holds no model state); "
+                              "--resume needs a run folder written by 'visiontune train'")
+    return state
 
 
 def save_best_weights(run_dir: Path, model: nn.Module) -> None:
@@ -233,7 +237,7 @@ def load_run(run_dir: str | Path, checkpoint: str = "best", device: str | torch.
     classes = json.loads((run_dir / CLASSES_FILE).read_text())
     preprocessing = Preprocessing.from_dict(json.loads((run_dir / PREPROCESSING_FILE).read_text()))
     model = build_run_model(config, len(classes))
-    model.load_state_dict(_run_state_dict(run_dir, checkpoint))
+    _load_run_weights(model, run_dir, checkpoint)
     model.to(device).eval()
     return LoadedRun(model, classes, preprocessing, config, run_dir)
 
@@ -245,12 +249,19 @@ def build_run_model(config: TrainConfig, num_classes: int) -> nn.Module:
     return create_model(config.model, num_classes=num_classes, weights=None)
 
 
-def _run_state_dict(run_dir: Path, checkpoint: str) -> dict:
-    if checkpoint == "last":
-        return load_training_state(run_dir)["model"]
-    path = run_dir / BEST_WEIGHTS
-    if not path.is_file():
-        raise CheckpointError(f"{path} does not exist; the run may not have finished an epoch (try checkpoint='last')")
-    from safetensors.torch import load_file
+def _load_run_weights(model: nn.Module, run_dir: Path, checkpoint: str) -> None:
+    """Through load_weights, so that a damaged, unsafe or foreign file (a lying safetensors header,
+    integer tensors for float weights, wrong shapes) is a one-line CheckpointError, never a traceback."""
+    from visiontune.checkpoint import load_weights
 
-    return load_file(str(path))
+    if checkpoint == "last":
+        path, source = run_dir / LAST_CHECKPOINT, load_training_state(run_dir)["model"]
+    else:
+        path = source = run_dir / BEST_WEIGHTS
+        if not path.is_file():
+            raise CheckpointError(f"{path} does not exist; the run may not have finished an epoch (try checkpoint='last')")
+    report = load_weights(model, source, match="name")
+    if not report.complete or report.unexpected:
+        raise CheckpointError(f"{path} does not fit the run's model ({len(report.missing)} missing, "
+                              f"{len(report.mismatched)} mismatched, {len(report.unexpected)} unexpected tensors); "
+                              "it was not written by this run")

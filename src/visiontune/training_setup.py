@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from visiontune import distributed
 from visiontune.config import TrainConfig
 from visiontune.device import (Precision, configure_threads, default_workers, prefers_channels_last, resolve_device,
                                resolve_precision)
@@ -111,12 +112,14 @@ def build_training(config: TrainConfig) -> TrainingSetup:
 
     torch.manual_seed(config.seed)  # the new head's initialisation
     random.seed(config.seed)
-    device = resolve_device(config.device)
+    device = distributed.device_for_rank(resolve_device(config.device))  # cuda:LOCAL_RANK under torchrun
     precision = resolve_precision(device, config.precision)
     configure_threads(device)
     split, train_set, val_set, val_samples, bad, preprocessing = _build_datasets(config, build_transforms)
     model, load_report = build_model(config, len(split.classes))
     model.to(device)
+    if config.sync_bn:
+        model = distributed.convert_sync_batchnorm(model, device)
     if prefers_channels_last(model):
         model.to(memory_format=torch.channels_last)
     if config.compile:
@@ -230,13 +233,17 @@ def _require_images(train_set: Dataset, val_set: Dataset, config: TrainConfig) -
 
 
 def _train_loader(dataset: Dataset, config: TrainConfig, workers: int, device: torch.device) -> DataLoader:
+    # Under torchrun each process takes its share of the epoch's order and of the global batch.
+    sampler = distributed.shard_sampler(EpochSampler(len(dataset), config.seed))
+    batch_size = distributed.per_process_batch_size(config.batch_size)
     # A lone last image would make BatchNorm fail on 1x1 feature maps; drop only that case.
-    drop_last = len(dataset) % config.batch_size == 1 and len(dataset) > 1
-    return DataLoader(SeededSamples(dataset), batch_size=config.batch_size, sampler=EpochSampler(len(dataset), config.seed),
+    drop_last = len(sampler) % batch_size == 1 and len(sampler) > 1
+    return DataLoader(SeededSamples(dataset), batch_size=batch_size, sampler=sampler,
                       num_workers=workers, persistent_workers=workers > 0, drop_last=drop_last,
                       pin_memory=device.type == "cuda")
 
 
 def _eval_loader(dataset: Dataset, batch_size: int, workers: int, device: torch.device) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                      persistent_workers=workers > 0, pin_memory=device.type == "cuda")
+    # Each process evaluates its unpadded shard; loops.evaluate sums the metrics over processes.
+    return DataLoader(dataset, batch_size=batch_size, sampler=distributed.make_eval_sampler(dataset),
+                      num_workers=workers, persistent_workers=workers > 0, pin_memory=device.type == "cuda")

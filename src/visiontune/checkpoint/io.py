@@ -113,8 +113,10 @@ def _read_torch(path: Path, allow_unsafe: bool) -> object:
     try:
         # Training scripts (torchvision references, timm) store their argparse.Namespace beside the
         # weights; rebuilding one runs no code, so it is allowed alongside tensors.
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=not allow_unsafe)
+        # An open handle, not the path: torch.load hands any path ending in .safetensors to safetensors,
+        # so a torch file renamed .safetensors would fail there instead of being read (safely) as what it is.
+        with torch.serialization.safe_globals([argparse.Namespace]), open(path, "rb") as handle:
+            return torch.load(handle, map_location="cpu", weights_only=not allow_unsafe)
     except pickle.UnpicklingError as error:
         if "weights only load failed" in str(error).lower():
             culprit = _blocked_global(str(error))

@@ -59,6 +59,7 @@ def load_weights(model, source, match="auto", dry_run: bool = False, allow_unsaf
     report = _report(plan, model_state, tensors, original, list(checkpoint), strategy, source_format, unwrapped.unwrapped_from, source_name, dry_run)
     if not plan.loaded:
         raise CheckpointError(_nothing_fits_message(source_name, strategy, model_state, checkpoint))
+    _reject_wrong_kinds(model_state, tensors, plan.loaded, original, source_name)
     if not dry_run:
         _copy(model_state, tensors, plan.loaded)
     logger.info("%s", report)
@@ -131,6 +132,25 @@ def _copy(model_state: dict, tensors: dict, loaded: dict[str, str]) -> None:
         for target, source in loaded.items():
             destination = model_state[target]
             destination.copy_(tensors[source].reshape(destination.shape))
+
+
+def _reject_wrong_kinds(model_state: dict, tensors: dict, loaded: dict[str, str], original: dict[str, str], source_name: str) -> None:
+    """copy_ would silently cast integers into float weights (or floats into counters); a file whose
+    tensors are the wrong kind of number is damaged or not weights, so it is refused. Float widths
+    (fp16/bf16 into fp32) are fine: that is how many checkpoints are shipped."""
+    wrong = [
+        f"{original[source]} ({str(tensors[source].dtype).replace('torch.', '')} for "
+        f"{str(model_state[target].dtype).replace('torch.', '')})"
+        for target, source in loaded.items()
+        if tensors[source].is_floating_point() != model_state[target].is_floating_point()
+        or tensors[source].is_complex() != model_state[target].is_complex()
+    ]
+    if wrong:
+        shown = ", ".join(wrong[:3]) + (f" and {len(wrong) - 3} more" if len(wrong) > 3 else "")
+        raise CheckpointError(
+            f"Checkpoint {source_name} holds {len(wrong)} tensor(s) of the wrong data type for the model: {shown}. "
+            "The file is damaged or does not hold weights; the model was left unchanged."
+        )
 
 
 def _nothing_fits_message(source_name: str, strategy: Strategy, model_state: dict, checkpoint: dict) -> str:

@@ -26,13 +26,20 @@ def register(subparsers) -> None:
     parser.add_argument("--resume", metavar="RUN", help="continue RUN from its last.ckpt with its saved config")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing run folder's files")
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no per-epoch lines")
+    parser.add_argument("--nproc", type=int, metavar="N",
+                        help="train in N processes on this machine (one per GPU) by starting torchrun; "
+                             "the same as 'torchrun --nproc_per_node N -m visiontune train ...'")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from visiontune import distributed
     from visiontune.engine import resume, train
 
-    reporter = ConsoleReporter(quiet=args.quiet)
+    if args.nproc is not None and args.nproc != 1 and not distributed.launched_by_torchrun():
+        return distributed.launch_local(args.nproc, relaunch_arguments(args))
+    main_process = distributed.is_main_process()  # under torchrun only rank 0 prints
+    reporter = ConsoleReporter(quiet=args.quiet or not main_process)
     config = None
     try:
         if args.resume:
@@ -46,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
         return 130
     finally:
         reporter.close()
+    if not main_process:
+        return 0
     if not args.quiet:
         print(final_table(result))
     print(f"run folder: {result.run_dir}  (best val accuracy {result.best_accuracy:.4f} at epoch {result.best_epoch})")
@@ -59,6 +68,23 @@ def interrupted_message(run_dir: str | None) -> str:
         return (f"interrupted; the last completed epoch is saved in {Path(run_dir) / LAST_CHECKPOINT}, "
                 f"continue with: visiontune train --resume {run_dir}")
     return "interrupted before the first epoch finished; nothing to resume"
+
+
+def relaunch_arguments(args: argparse.Namespace) -> list[str]:
+    """The command line that repeats this one in every torchrun process (without --nproc)."""
+    arguments = ["--debug"] if getattr(args, "debug", False) else []
+    arguments.append("train")
+    for name, value in given_config_values(args).items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            arguments.append(flag if value else f"--no-{flag[2:]}")
+        else:
+            arguments += [flag, str(value)]
+    for flag, value in (("--config", args.config_file), ("--resume", args.resume)):
+        if value:
+            arguments += [flag, str(value)]
+    arguments += [flag for flag, on in (("--overwrite", args.overwrite), ("--quiet", args.quiet)) if on]
+    return arguments
 
 
 class ConsoleReporter:
