@@ -27,10 +27,18 @@ _EXPORTS = {
     "save_model": "visiontune.checkpoint",
     "load_model": "visiontune.checkpoint",
     "LoadReport": "visiontune.checkpoint",
+    "read_checkpoint": "visiontune.checkpoint",
     # training
     "TrainConfig": "visiontune.config",
     "train": "visiontune.engine",
+    "resume": "visiontune.engine",
+    "TrainResult": "visiontune.engine",
     "load_run": "visiontune.run",
+    "LoadedRun": "visiontune.run",
+    # after training
+    "export_run": "visiontune.export",
+    "lr_find": "visiontune.lr_finder",
+    "write_report": "visiontune.report_html",
     # errors
     "VisiontuneError": "visiontune.errors",
 }

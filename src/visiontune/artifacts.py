@@ -11,6 +11,8 @@ import torch
 
 from visiontune.device import is_main_process
 from visiontune.loops import evaluate
+from visiontune.plots import plot_confusion, plot_curves
+from visiontune.report_html import write_report
 from visiontune.run import (BEST_WEIGHTS, CONFUSION_FILE, CURVES_FILE, REPORT_FILE, TENSORBOARD_DIR,
                             write_json, write_metrics_csv, write_val_predictions)
 from visiontune.strategies import describe_groups
@@ -55,7 +57,7 @@ def load_best_weights(setup: TrainingSetup, run_dir: Path) -> None:
 
 def write_final_artifacts(setup: TrainingSetup, state: dict, run_dir: Path) -> dict:
     """Evaluate the best weights on the validation set and write val_predictions.csv, report.json,
-    metrics.csv, curves.png and confusion.png. Returns the final metrics."""
+    metrics.csv, curves.png, confusion.png and report.html. Returns the final metrics."""
     load_best_weights(setup, run_dir)
     evaluation = evaluate(setup.model, setup.val_loader, setup.device, setup.classes,
                           precision=setup.precision, keep_predictions=True)
@@ -70,6 +72,7 @@ def write_final_artifacts(setup: TrainingSetup, state: dict, run_dir: Path) -> d
     write_metrics_csv(run_dir, state["history"])
     write_json(run_dir / REPORT_FILE, _report(setup, state, evaluation.metrics, evaluation.seconds))
     _plot(state["history"], evaluation.metrics["confusion"], classes, run_dir)
+    write_report(run_dir)  # report.html: reads back what was just written
     return evaluation.metrics
 
 
@@ -103,10 +106,5 @@ def _report(setup: TrainingSetup, state: dict, metrics: dict, eval_seconds: floa
 
 
 def _plot(history: list[dict], confusion: list[list[int]], classes: list[str], run_dir: Path) -> None:
-    try:
-        from visiontune.plots import plot_confusion, plot_curves
-    except ImportError:
-        log.warning("plots are not available; curves.png and confusion.png were not written")
-        return
     plot_curves(history, run_dir / CURVES_FILE)
     plot_confusion(confusion, classes, run_dir / CONFUSION_FILE)

@@ -10,7 +10,6 @@ Everything that must survive an interruption is in one state dict written each e
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
