@@ -34,6 +34,10 @@ def test_nothing_is_written_outside_the_run_folder_and_the_cache(tmp_path, tmp_p
     monkeypatch.setenv("MPLCONFIGDIR", str(tmp_path_factory.mktemp("matplotlib")))
     monkeypatch.setattr(tempfile, "tempdir", str(temp))
     monkeypatch.chdir(work)
+    import visiontune.data
+
+    # images read from their files (not decoded once into memory), so the disk feature cache has a key
+    monkeypatch.setattr(visiontune.data, "fits_in_memory", lambda *args, **kwargs: False)
     before = _snapshot(tmp_path)
 
     # no --out: the default run folder runs/<model>-<time> under the working directory

@@ -98,6 +98,7 @@ def _report(setup: TrainingSetup, state: dict, metrics: dict, eval_seconds: floa
         "data": setup.split_info,
         "bad_files": [{"path": path, "reason": reason} for path, reason in setup.bad_files],
         "weights_load_report": setup.load_report,
+        "feature_cache": state.get("feature_cache"),  # which phases trained the head on cached features, and why
         "param_groups": describe_groups(setup.optimizer),
         "environment": {"device": str(setup.device), "precision": setup.precision.name,
                         "torch": torch.__version__, "python": platform.python_version(),
