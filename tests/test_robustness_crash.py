@@ -9,7 +9,7 @@ The in-process interrupt-and-resume of a two-phase run is tested in test_resume.
 from __future__ import annotations
 
 import csv
-import math
+import io
 import os
 import random
 import signal
@@ -27,7 +27,7 @@ from visiontune.run import load_run, load_training_state
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 RECIPE = ["--model", "timm:test_resnet", "--weights", "none", "--image-size", "32", "--batch-size", "4", "--workers", "0",
-          "--seed", "5", "--device", "cpu", "--precision", "fp32", "--quiet", "--epochs", "10", "--lr", "0.002",
+          "--seed", "5", "--device", "cpu", "--precision", "fp32", "--quiet", "--epochs", "8", "--lr", "0.002",
           "--warmup-epochs", "0.5"]
 TIMING_COLUMNS = ("seconds", "images_per_s")
 WAIT_LIMIT = 300  # seconds for any one thing to happen in a child process (a loaded CI machine is slow)
@@ -57,8 +57,10 @@ def _launch(argv: list[str], *, half_write: bool = False) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")])),
            "OMP_NUM_THREADS": str(torch.get_num_threads())}  # the same arithmetic as the in-process reference
     entry = ["-c", HALF_WRITE_THEN_HANG] if half_write else ["-m", "visiontune"]
+    # A child inherits an ignored SIGINT (from a background CI shell), and Python then installs no
+    # KeyboardInterrupt handler: give it the default back so the Ctrl-C step means something.
     return subprocess.Popen([sys.executable, *entry, *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # noqa: PLW1509
 
 
 def _epochs_logged(run_dir: Path) -> int:
@@ -98,26 +100,26 @@ def _assert_nothing_lost(run_dir: Path, saved_epochs: int) -> int:
 
 
 def _metrics(run_dir: Path) -> list[dict]:
-    rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
+    rows = list(csv.DictReader(io.StringIO((run_dir / "metrics.csv").read_text())))
     return [{key: value for key, value in row.items() if key not in TIMING_COLUMNS} for row in rows]
 
 
 @pytest.mark.slow
 def test_killed_at_random_moments_nothing_is_lost_and_resume_is_bit_identical(tmp_path):
     rng = random.Random(20240607)
-    data = make_image_folder(tmp_path / "data", classes=("red", "green"), per_class=6, val_per_class=2)
+    data = make_image_folder(tmp_path / "data", classes=("red", "green"), per_class=4, val_per_class=2)
     straight, run_dir = tmp_path / "straight", tmp_path / "run"
     assert main(["train", "--data", str(data), *RECIPE, "--out", str(straight)]) == 0
     # Random moments are drawn within one epoch's duration, so each kill lands in a known epoch or so.
-    epoch_seconds = sorted(float(row["seconds"]) for row in csv.DictReader(open(straight / "metrics.csv")))[5]
+    rows = csv.DictReader(io.StringIO((straight / "metrics.csv").read_text()))
+    epoch_seconds = sorted(float(row["seconds"]) for row in rows)[4]  # the median of 8 epochs, roughly
 
     def random_moment() -> None:
         time.sleep(rng.uniform(0.0, 0.9) * epoch_seconds)
 
-    # 1. SIGKILL at a random moment after the first epoch was saved.
+    # 1. SIGKILL at a random moment of the second epoch (the first one is saved).
     child = _launch(["train", "--data", str(data), *RECIPE, "--out", str(run_dir)])
-    target = rng.randint(1, 2)
-    _wait_for(lambda: _epochs_logged(run_dir) >= target, child, f"epoch {target}")
+    _wait_for(lambda: _epochs_logged(run_dir) >= 1, child, "epoch 1")
     random_moment()
     logged = _epochs_logged(run_dir)
     status, _ = _stop(child, signal.SIGKILL)
@@ -153,7 +155,7 @@ def test_killed_at_random_moments_nothing_is_lost_and_resume_is_bit_identical(tm
     assert main(["train", "--resume", str(run_dir)]) == 0
     expected = torch.load(straight / "last.ckpt", weights_only=True)
     resumed = torch.load(run_dir / "last.ckpt", weights_only=True)
-    assert resumed["epoch"] == expected["epoch"] == 10 and resumed["step"] == expected["step"]
+    assert resumed["epoch"] == expected["epoch"] == 8 and resumed["step"] == expected["step"]
     assert expected["model"].keys() == resumed["model"].keys()
     for key, value in expected["model"].items():
         assert torch.equal(value, resumed["model"][key]), key

@@ -129,6 +129,9 @@ def demo_train_config(options: DemoOptions, data: Path, weights: Path, run_dir: 
         augment="none",  # flips and crops would turn digits into other digits
         seed=options.seed,
         device=options.device,
+        # The decoded digits sit in memory and their transform is tiny: on a 2-core machine a loader
+        # process would only take a core away from the network.
+        workers=0,
         out=str(run_dir),
     )
 
