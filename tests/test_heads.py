@@ -36,6 +36,7 @@ def test_one_by_one_conv_head_like_squeezenet():
     assert find_head(model)[0] == "2"
     replace_head(model, 7)
     assert isinstance(model[2], nn.Conv2d) and model[2].out_channels == 7 and model[2].in_channels == 8
+    assert model[2].weight.abs().max() <= 1 / 8**0.5  # initialised like Linear(8, 7), not by conv fan-out
     assert model(torch.randn(1, 3, 8, 8)).shape == (1, 7, 1, 1)
 
 

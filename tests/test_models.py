@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import pickle
@@ -27,44 +26,9 @@ SLOW_INPUTS = {"inception_v3": 299, "maxvit_t": 224, "alexnet": 64}  # the small
 
 # --- helpers --------------------------------------------------------------------------------------
 
-_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",
-                   "xavier_normal_", "constant_", "zeros_", "ones_", "orthogonal_")
-
-
-@contextlib.contextmanager
-def _torch_init_skipped():
-    """Skip torch.nn.init inside builders: random init of the 600M-parameter models costs more than
-    the whole test. visiontune's head init uses tensor methods and still runs."""
-    with contextlib.ExitStack() as stack:
-        for function in _INIT_FUNCTIONS:
-            stack.enter_context(mock.patch.object(torch.nn.init, function, lambda tensor, *a, **k: tensor))
-        yield
-
-
-@torch.no_grad()
-def _fill_cheaply(model: torch.nn.Module, keep: list[str]) -> None:
-    """Give the uninitialised tensors (outside ``keep``) varied, bounded values at memcpy speed."""
-    pool = torch.empty(1 << 20).uniform_(-1.0, 1.0, generator=torch.Generator().manual_seed(0))
-    for name, param in model.named_parameters():
-        if any(owns(k, name) for k in keep):
-            continue
-        flat = param.view(-1)
-        fan_in = max(1, param[0].numel()) if param.ndim > 1 else 1
-        scale = (6.0 / fan_in) ** 0.5 if param.ndim > 1 else 0.1  # He-uniform: activations keep their scale
-        scaled = pool[: flat.numel()] * scale
-        for start in range(0, flat.numel(), pool.numel()):
-            chunk = flat[start:start + pool.numel()]
-            chunk.copy_(scaled[: chunk.numel()])
-        if param.ndim <= 1 and name.endswith("weight"):
-            param.add_(1.0)  # norm scales near 1
-
-
-def build_quickly(name: str, num_classes: int = NUM_CLASSES, **kwargs) -> torch.nn.Module:
+def build(name: str, num_classes: int = NUM_CLASSES, **kwargs) -> torch.nn.Module:
     torch.manual_seed(0)
-    with _torch_init_skipped():
-        model = create_model(name, num_classes, **kwargs)
-    _fill_cheaply(model, head_names(model))
-    return model
+    return create_model(name, num_classes, **kwargs)
 
 
 def small_input(name: str) -> tuple[dict, int]:
@@ -111,9 +75,9 @@ def check_fine_tunes_only_head(model: torch.nn.Module, image_size: int, in_chans
     assert all(p.grad is None for n, p in model.named_parameters() if n not in in_head)
     torch.optim.SGD(model.parameters(), lr=0.5).step()
 
-    weights_changed = [n for n, p in model.named_parameters() if n in in_head and n.endswith("weight")
-                       and not torch.equal(p, head_before[n])]
-    assert sorted(weights_changed) == sorted(f"{h}.weight" for h in heads)  # every head learned, aux ones too
+    changed = {n for n, p in model.named_parameters() if n in in_head and not torch.equal(p, head_before[n])}
+    # Every head learned, aux ones too (with random features near 0 only the bias may move).
+    assert all(any(owns(h, n) for n in changed) for h in heads), (heads, changed)
     for key, value in model.state_dict().items():
         if key in frozen_before:
             assert same(fingerprint(value), frozen_before[key]), f"frozen {key} changed"
@@ -129,7 +93,7 @@ def _marks(name: str):
 @pytest.mark.parametrize("name", [pytest.param(n, marks=_marks(n)) for n in TORCHVISION_MODELS])
 def test_every_torchvision_model_gets_a_new_head_and_trains_only_it(name):
     kwargs, size = small_input(name)
-    model = build_quickly(name, **kwargs)
+    model = build(name, **kwargs)
     head_name, head = find_head(model)
     assert head_name == torchvision_head_name(name)  # the listing's table is right
     assert getattr(head, "out_features", getattr(head, "out_channels", None)) == NUM_CLASSES
@@ -188,7 +152,7 @@ def test_list_models_reads_registries_without_building(monkeypatch):
 def test_models_command_prints_table_and_json(capsys):
     from visiontune.cli import main
 
-    assert main(["models", "resnet1*"]) == 0
+    assert main(["models", "resnet18"]) == 0
     table = capsys.readouterr().out
     assert "resnet18" in table and "11.7" in table and "timm:resnet18" in table and " fc" in table
     assert main(["models", "timm:convnext_atto", "--json"]) == 0

@@ -53,10 +53,31 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+# A child whose every training step takes at least STEP_SECONDS longer (the arithmetic is untouched), so
+# that a kill drawn within one epoch's duration always lands while it is still training, however
+# fast or loaded the machine is.
+STEP_SECONDS = 0.2
+STEPS_PER_EPOCH = 2  # 8 training images (2 classes x 4) in batches of 4
+SLOW_STEPS = rf"""
+import sys, time
+import visiontune.loops
+
+real_loss = visiontune.loops.compute_loss
+
+def slow_loss(*args, **kwargs):
+    time.sleep({STEP_SECONDS})
+    return real_loss(*args, **kwargs)
+
+visiontune.loops.compute_loss = slow_loss
+from visiontune.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def _launch(argv: list[str], *, half_write: bool = False) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")])),
            "OMP_NUM_THREADS": str(torch.get_num_threads())}  # the same arithmetic as the in-process reference
-    entry = ["-c", HALF_WRITE_THEN_HANG] if half_write else ["-m", "visiontune"]
+    entry = ["-c", HALF_WRITE_THEN_HANG if half_write else SLOW_STEPS]
     # A child inherits an ignored SIGINT (from a background CI shell), and Python then installs no
     # KeyboardInterrupt handler: give it the default back so the Ctrl-C step means something.
     return subprocess.Popen([sys.executable, *entry, *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -110,9 +131,9 @@ def test_killed_at_random_moments_nothing_is_lost_and_resume_is_bit_identical(tm
     data = make_image_folder(tmp_path / "data", classes=("red", "green"), per_class=4, val_per_class=2)
     straight, run_dir = tmp_path / "straight", tmp_path / "run"
     assert main(["train", "--data", str(data), *RECIPE, "--out", str(straight)]) == 0
-    # Random moments are drawn within one epoch's duration, so each kill lands in a known epoch or so.
-    rows = csv.DictReader(io.StringIO((straight / "metrics.csv").read_text()))
-    epoch_seconds = sorted(float(row["seconds"]) for row in rows)[4]  # the median of 8 epochs, roughly
+    # Random moments are drawn within the shortest time a child's epoch can take, so each kill lands
+    # while the child is still training, in the epoch after the one just logged or so.
+    epoch_seconds = STEP_SECONDS * STEPS_PER_EPOCH
 
     def random_moment() -> None:
         time.sleep(rng.uniform(0.0, 0.9) * epoch_seconds)

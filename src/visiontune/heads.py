@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 
+import torch
 from torch import nn
 
 from visiontune.errors import ModelError
@@ -108,7 +109,8 @@ def head_names(model: nn.Module) -> list[str]:
 def replace_head(model: nn.Module, num_classes: int, init: str = "kaiming") -> nn.Module:
     """Give ``model`` new, freshly initialised heads (main and auxiliary) with ``num_classes``
     outputs. Each new layer keeps the old one's input width, bias, device and dtype; nothing of the
-    old head's weights is kept. Returns ``model`` (changed in place)."""
+    old head's weights is kept. ``init`` is an :func:`~visiontune.initialization.init_weights`
+    scheme (a 1x1-conv head is initialised as the linear layer it is). Returns ``model``."""
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ModelError(f"num_classes must be a positive integer, got {num_classes!r}")
     names = head_names(model)
@@ -116,16 +118,31 @@ def replace_head(model: nn.Module, num_classes: int, init: str = "kaiming") -> n
         old = model.get_submodule(names[0]).weight
         model.reset_classifier(num_classes)  # timm knows its own head layouts (pooling, dist heads)
         for name in names:
-            new = model.get_submodule(name).to(device=old.device, dtype=old.dtype)
-            init_weights(new, init)
+            _init_head(model.get_submodule(name).to(device=old.device, dtype=old.dtype), init)
         return model
     for name in names:
         new = _new_head_like(model.get_submodule(name), num_classes)
-        model.set_submodule(name, init_weights(new, init))
+        model.set_submodule(name, _init_head(new, init))
     if isinstance(getattr(model, "num_classes", None), int):
         model.num_classes = num_classes  # e.g. squeezenet keeps it as an attribute
     logger.debug("replaced head(s) %s for %d classes", names, num_classes)
     return model
+
+
+@torch.no_grad()
+def _init_head(head: nn.Module, scheme: str) -> nn.Module:
+    """A 1x1-conv head is a linear classifier applied at every position, so it is initialised as
+    that linear layer: the conv formula's n = out_channels would give a 3-class head weights of
+    std 0.8 and saturated logits (torchvision uses std 0.01 for squeezenet's for that reason)."""
+    if not isinstance(head, nn.Conv2d):
+        return init_weights(head, scheme)
+    linear = nn.Linear(head.in_channels, head.out_channels, bias=head.bias is not None,
+                       device=head.weight.device, dtype=head.weight.dtype)
+    init_weights(linear, scheme)
+    head.weight.copy_(linear.weight.view_as(head.weight))
+    if head.bias is not None:
+        head.bias.copy_(linear.bias)
+    return head
 
 
 def _new_head_like(old: nn.Module, num_classes: int) -> nn.Module:

@@ -28,6 +28,7 @@ __all__ = ["ModelInfo", "create_model", "list_models", "resolve_preprocessing"]
 
 # torchvision's googlenet / inception_v3 warn unless told which init to use; this is their default.
 _EXPLICIT_INIT = ("googlenet", "inception_v3")
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
 # Modules and exception types whose errors mean "the weights could not be fetched".
 _NETWORK_MODULES = ("urllib", "http", "socket", "ssl", "requests", "urllib3", "httpx", "httpcore", "huggingface_hub")
 
@@ -64,6 +65,7 @@ def create_model(name: str, num_classes: int, weights: str | os.PathLike | None 
         adapt_first_conv(model, in_chans)
     replace_head(model, num_classes)
     model.visiontune_name = name
+    logger.debug("built %s (weights=%s, in_chans=%d) with a new %d-class head", name, weights, in_chans, num_classes)
     return model
 
 
@@ -71,22 +73,23 @@ def _local_path(weights) -> Path | None:
     """The checkpoint file ``weights`` names, or None when it is a zoo weights name / None."""
     if weights is None:
         return None
-    if isinstance(weights, os.PathLike) or Path(str(weights)).is_file() or any(sep in str(weights) for sep in ("/", os.sep)) or Path(weights).suffix in (
-        ".pth", ".pt", ".bin", ".safetensors", ".ckpt"):
-        path = Path(weights).expanduser()
-        if not path.is_file():
-            raise ModelError(f"weights file {str(path)!r} does not exist; pass an existing .pth/.pt/.bin/.safetensors file")
-        return path
-    if not isinstance(weights, str):
+    if not isinstance(weights, (str, os.PathLike)):
         raise ModelError(f"weights must be None, a weights name such as 'DEFAULT', or a file path, got {weights!r}")
-    return None
+    text = os.fspath(weights)
+    looks_like_file = (isinstance(weights, os.PathLike) or "/" in text or os.sep in text
+                       or Path(text).suffix in CHECKPOINT_SUFFIXES or Path(text).is_file())
+    if not looks_like_file:
+        return None
+    path = Path(text).expanduser()
+    if not path.is_file():
+        raise ModelError(f"weights file {str(path)!r} does not exist; pass an existing {'/'.join(CHECKPOINT_SUFFIXES)} file")
+    return path
 
 
 def _load_local(model: nn.Module, path: Path) -> None:
     from visiontune.checkpoint import load_weights
 
-    report = load_weights(model, path, match="auto")
-    logger.info("%s", report)
+    load_weights(model, path, match="auto")  # logs its own report of what was loaded
 
 
 # --- torchvision ----------------------------------------------------------------------------------
