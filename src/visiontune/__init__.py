@@ -15,10 +15,14 @@ _EXPORTS = {
     # model building and surgery (issue: foundation)
     "create_model": "visiontune.models",
     "list_models": "visiontune.models",
+    "resolve_preprocessing": "visiontune.models",
+    "ModelInfo": "visiontune.models",
     "find_head": "visiontune.heads",
     "replace_head": "visiontune.heads",
+    "head_names": "visiontune.heads",
     "freeze": "visiontune.freeze",
     "layer_groups": "visiontune.freeze",
+    "LayerGroup": "visiontune.freeze",
     "param_groups": "visiontune.optim",
     "init_weights": "visiontune.initialization",
     # checkpoints
