@@ -243,3 +243,6 @@ def test_notebook_surface_predicts_in_three_lines_like_the_run_did(tiny_run):
 
     assert [run.classes[i] for i in probabilities.argmax(dim=1)] == [row["predicted"] for row in rows]
     assert probabilities.max(dim=1).values.tolist() == pytest.approx([float(r["confidence"]) for r in rows], abs=0.02)
+    predictions, skipped = run.predict([row["path"] for row in rows], top_k=1)
+    assert skipped == [] and [p.label for p in predictions] == [row["predicted"] for row in rows]
+    assert [p.score for p in predictions] == pytest.approx([float(r["confidence"]) for r in rows], abs=0.02)

@@ -94,7 +94,6 @@ def _train(config: TrainConfig, *, overwrite: bool, reporter: Reporter | None) -
     distributed.on_main_process(check_run_dir, run_dir, overwrite=overwrite)
     auto_lr = config.lr == "auto"
     if auto_lr:
-        _require_lr_finder()
         config.lr = LR_FINDER_REFERENCE  # the groups are built at this rate; the finder scales them together
     setup = build_training(config)
     if auto_lr:
@@ -246,13 +245,6 @@ def _metrics_row(epoch: int, phase: str, stats: EpochStats, val: dict, val_secon
             "train_acc": stats.accuracy, "val_loss": val["loss"], "val_acc": val["accuracy"],
             "val_top5": val["top5"], "val_macro_f1": val["macro_f1"], "seconds": stats.seconds + val_seconds,
             "images_per_s": stats.images_per_second}
-
-
-def _require_lr_finder() -> None:
-    import importlib.util
-
-    if importlib.util.find_spec("visiontune.lr_finder") is None:
-        raise ConfigError("--lr auto needs the LR finder, which is not available yet; give --lr a number")
 
 
 def _apply_lr_finder(setup: TrainingSetup) -> None:

@@ -224,6 +224,12 @@ class LoadedRun:
     config: TrainConfig
     run_dir: Path
 
+    def predict(self, paths, top_k: int = 5):
+        """Classify image files: ``(predictions, skipped)`` as :func:`visiontune.predict.predict_images`."""
+        from visiontune.predict import predict_images  # predict builds on this module
+
+        return predict_images(self, [paths] if isinstance(paths, (str, Path)) else paths, top_k=top_k)
+
 
 def load_run(run_dir: str | Path, checkpoint: str = "best", device: str | torch.device = "cpu") -> LoadedRun:
     """Rebuild the run's model and load ``best.safetensors`` (``checkpoint="best"``) or the model
