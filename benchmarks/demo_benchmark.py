@@ -25,7 +25,7 @@ TARGET_SECONDS = 180.0  # wall time of the whole demo, from the command to the p
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="demo folder (default: a temporary folder)")
-    parser.add_argument("--json", default="demo_benchmark.json", help="where to write the results")
+    parser.add_argument("--json", default=str(Path(__file__).with_name("demo_benchmark.json")), help="where to write the results")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads torch may use (the target is for 2)")
     parser.add_argument("--epochs", type=int, default=None, help="override the demo's epochs")
     args = parser.parse_args()
