@@ -13,6 +13,7 @@ from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ def plot_curves(rows: Sequence[dict], path: str | Path) -> Path:
                 axes.plot(*zip(*points), style, markersize=4, label=split)
         axes.set_title(title)
         axes.set_xlabel("epoch")
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         axes.grid(alpha=0.3)
         for epoch, phase in _phase_changes(rows, epochs):
             axes.axvline(epoch - 0.5, color="grey", linestyle="--", linewidth=1)
