@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from frozen_prefix import saved_activation_bytes  # beside this script
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -232,7 +233,7 @@ def forward_flops(model: torch.nn.Module, image_size: int) -> int:
 
 def train_steps_per_second(model, batch, labels, optimizer, steps: int) -> float:
     """Steady-state optimisation steps per second (one warm-up step first)."""
-    from visiontune.loops import set_train_mode
+    from visiontune.training.loops import set_train_mode
 
     set_train_mode(model)
     timings = []
@@ -266,9 +267,7 @@ def row_hardware(sizes: Sizes) -> Row:
 
 def memory_of_step(model, batch, labels) -> tuple[int, int]:
     """(activation bytes saved for backward, activations + gradients + AdamW state) of one step."""
-    from visiontune.frozen_prefix import saved_activation_bytes
-
-    from visiontune.loops import set_train_mode
+    from visiontune.training.loops import set_train_mode
 
     set_train_mode(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -281,8 +280,8 @@ def memory_of_step(model, batch, labels) -> tuple[int, int]:
 
 def row_partial(sizes: Sizes) -> list[Row]:
     from visiontune.device import prefers_channels_last
-    from visiontune.freeze import freeze
-    from visiontune.models import create_model
+    from visiontune.model.freeze import freeze
+    from visiontune.model.create import create_model
 
     size = sizes.image_size
     batch, labels = torch.randn(sizes.batch_size, 3, size, size), torch.randint(0, 10, (sizes.batch_size,))
@@ -310,9 +309,9 @@ def row_partial(sizes: Sizes) -> list[Row]:
 def row_data_path(data: Path, sizes: Sizes) -> Row:
     """The same model and steps, fed by visiontune's loader (files, decoded once) or ready tensors."""
     from visiontune.config import TrainConfig
-    from visiontune.loops import train_one_epoch
-    from visiontune.schedule import build_schedule
-    from visiontune.training_setup import build_training
+    from visiontune.training.loops import train_one_epoch
+    from visiontune.training.schedule import build_schedule
+    from visiontune.training.setup import build_training
 
     config = TrainConfig(data=str(data), model=MODEL, weights="none", strategy="full", epochs=2,
                          batch_size=sizes.batch_size, image_size=sizes.image_size, augment="basic")

@@ -19,8 +19,8 @@ from visiontune.data import (
     decoded_bytes,
     fits_in_memory,
 )
-from visiontune.data.cache import _square_offset
-from visiontune.preprocessing import Preprocessing
+from visiontune.data.decoded_cache import _square_offset
+from visiontune.model.preprocessing import Preprocessing
 
 # resize - crop is odd (31 - 24 = 7): torchvision's rounded centre offsets then disagree with a
 # plain centre square for some widths, which the cache must compensate for.

@@ -12,7 +12,7 @@ from torchvision.transforms._presets import ImageClassification
 
 from visiontune.data import AUGMENTATIONS, build_batch_mixer, build_transforms, is_deterministic
 from visiontune.errors import ConfigError
-from visiontune.preprocessing import Preprocessing
+from visiontune.model.preprocessing import Preprocessing
 
 SMALL = Preprocessing(crop_size=24, resize_size=28)
 

@@ -340,7 +340,7 @@ TIMING_COLUMNS = ("seconds", "images_per_s")
 # first epoch's checkpoint is complete.
 KILL_RANK_1_IN_EPOCH_2 = """
     import os, signal, sys
-    from visiontune import engine
+    from visiontune.training import engine as engine
     from visiontune.cli import main
 
     original, calls = engine.train_one_epoch, []

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from visiontune.device import Precision, default_workers, resolve_precision
-from visiontune.loops import compute_loss, set_train_mode
-from visiontune.schedule import Schedule, build_schedule
-from visiontune.training_setup import EpochSampler, SeededSamples, build_loss
+from visiontune.training.loops import compute_loss, set_train_mode
+from visiontune.training.schedule import Schedule, build_schedule
+from visiontune.training.setup import EpochSampler, SeededSamples, build_loss
 from visiontune.config import config_from_dict
 
 
@@ -113,7 +113,7 @@ def test_patience_stops_a_run_that_no_longer_improves(tmp_path):
     import json
 
     from conftest import make_image_folder
-    from visiontune.engine import train
+    from visiontune.training.engine import train
 
     data = make_image_folder(tmp_path / "data", per_class=4, val_per_class=2)
     # A learning rate this small leaves the predictions, hence the accuracy, unchanged: epoch 2
@@ -133,7 +133,7 @@ def test_tensorboard_scalars_are_written_when_the_package_is_there(tmp_path, mon
     import sys
     import types
 
-    from visiontune.artifacts import TensorBoardLog
+    from visiontune.training.final_artifacts import TensorBoardLog
 
     written = []
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from visiontune.cli import main
 from visiontune.errors import VisiontuneError
-from visiontune.export import (
+from visiontune.run.export import (
     describe_export,
     export_model,
     load_exported,
@@ -102,7 +102,7 @@ def test_a_file_that_does_not_match_fails_verification(tmp_path, format):
 
 
 def test_tolerance_is_relative_for_logits_larger_than_one(monkeypatch):
-    from visiontune import export
+    from visiontune.run import export as export
 
     for factor, relative_error, passes in ((1e6, 1e-5, True), (1e6, 1e-2, False), (1e-3, 0.5, True)):
         model = nn.Sequential(_tiny_model(), _Scale(factor)).eval()  # logits of about `factor` in size
@@ -140,7 +140,7 @@ def test_unknown_format_is_rejected(tmp_path):
 
 
 def test_metadata_describes_input_output_classes_and_preprocessing(tmp_path):
-    from visiontune.preprocessing import Preprocessing
+    from visiontune.model.preprocessing import Preprocessing
 
     metadata = describe_export("onnx", tmp_path / "m.onnx", (3, 224, 224), ["a", "b"], Preprocessing().to_dict(),
                                "resnet18")
@@ -173,7 +173,7 @@ def tiny_run(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("format", FORMATS)
 def test_cli_export_of_a_trained_run(tiny_run, tmp_path, format, capsys):
-    from visiontune.run import load_run
+    from visiontune.run.folder import load_run
 
     _, run_dir = tiny_run
     out = tmp_path / "deploy" / f"classifier.{format}"
@@ -204,7 +204,7 @@ def test_cli_export_without_the_data_uses_random_inputs_and_says_so(tiny_run, tm
 
 @pytest.mark.slow
 def test_cli_export_fails_above_the_tolerance_and_removes_the_file(tiny_run, tmp_path, capsys, monkeypatch):
-    from visiontune import export
+    from visiontune.run import export as export
 
     _, run_dir = tiny_run
     original = export.load_exported

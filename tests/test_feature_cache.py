@@ -13,16 +13,16 @@ from conftest import make_image, make_image_folder
 from torch import nn
 
 from visiontune.data import ImageDataset, build_transforms, discover, is_deterministic
-from visiontune.feature_cache import (
+from visiontune.features.extract import (
     HeadNotReproducible,
     build_feature_cache,
     feature_cache_key,
     plan_feature_cache,
 )
-from visiontune.freeze import freeze
-from visiontune.heads import find_head
-from visiontune.loops import set_train_mode
-from visiontune.preprocessing import Preprocessing
+from visiontune.model.freeze import freeze
+from visiontune.model.heads import find_head
+from visiontune.training.loops import set_train_mode
+from visiontune.model.preprocessing import Preprocessing
 
 TINY = Preprocessing(crop_size=32, resize_size=32)
 

@@ -11,8 +11,8 @@ import torchvision
 from torch import nn
 
 from visiontune.errors import ConfigError
-from visiontune.freeze import freeze, group_of, layer_groups
-from visiontune.models import create_model
+from visiontune.model.freeze import freeze, group_of, layer_groups
+from visiontune.model.create import create_model
 
 
 def resnet18(num_classes: int = 3) -> nn.Module:

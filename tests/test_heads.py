@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from visiontune.errors import ModelError
-from visiontune.heads import find_head, head_names, replace_head
+from visiontune.model.heads import find_head, head_names, replace_head
 
 
 class TinyNet(nn.Module):

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from visiontune.errors import ConfigError
-from visiontune.initialization import init_weights
+from visiontune.model.init import init_weights
 
 
 @pytest.fixture(autouse=True)

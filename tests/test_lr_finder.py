@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from visiontune.lr_finder import LRFindResult, lr_find, plot_lr_find, suggest_lr, valley
+from visiontune.training.lr_finder import LRFindResult, lr_find, plot_lr_find, suggest_lr, valley
 
 
 def _tiny_classifier() -> nn.Module:
@@ -24,7 +24,7 @@ def _classification_batches(count: int = 3, batch: int = 8) -> list[tuple[torch.
 
 
 def _snapshot(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    from visiontune.lr_finder import _cpu_copy
+    from visiontune.training.lr_finder import _cpu_copy
 
     return _cpu_copy(model.state_dict()), _cpu_copy(optimizer.state_dict())
 

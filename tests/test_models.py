@@ -14,10 +14,10 @@ import torch.nn.functional as F
 import torchvision
 
 from visiontune.errors import ModelError
-from visiontune.freeze import freeze, group_of, layer_groups, owns
-from visiontune.heads import find_head, head_names
-from visiontune.models import create_model, list_models, resolve_preprocessing
-from visiontune.registry import torchvision_head_name
+from visiontune.model.freeze import freeze, group_of, layer_groups, owns
+from visiontune.model.heads import find_head, head_names
+from visiontune.model.create import create_model, list_models, resolve_preprocessing
+from visiontune.model.registry import torchvision_head_name
 
 NUM_CLASSES = 3
 TORCHVISION_MODELS = torchvision.models.list_models(module=torchvision.models)

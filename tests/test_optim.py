@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from visiontune.errors import ConfigError
-from visiontune.freeze import freeze, layer_groups
-from visiontune.models import create_model
-from visiontune.optim import param_groups
+from visiontune.model.freeze import freeze, layer_groups
+from visiontune.model.create import create_model
+from visiontune.model.param_groups import param_groups
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from visiontune.plots import _phase_changes, plot_confusion, plot_curves
+from visiontune.run.plots import _phase_changes, plot_confusion, plot_curves
 
 
 def assert_drawn_png(path):

@@ -15,7 +15,7 @@ from PIL import Image
 
 from visiontune.cli import main
 from visiontune.errors import VisiontuneError
-from visiontune.report_html import write_report
+from visiontune.run.report_html import write_report
 
 SECTIONS = ("summary", "configuration", "load-report", "curves", "confusion", "per-class", "most-wrong")
 CLASSES = ["cat", "dog", "<b>bird</b>"]  # a name that must be escaped
@@ -61,7 +61,7 @@ def _png(path: Path, color=(200, 30, 30), size=(40, 30)) -> Path:
 
 
 def _fake_run(root: Path, *, wrong: int = 3) -> Path:
-    """A run folder with the files visiontune train writes (format of visiontune.run/artifacts)."""
+    """A run folder with the files visiontune train writes (format of visiontune.run.folder/artifacts)."""
     run = root / "run"
     run.mkdir(parents=True)
     data = root / "data"

@@ -40,9 +40,9 @@ class Payload:
 def run_folder(tmp_path_factory) -> tuple[Path, Path]:
     """A run folder as training leaves it (header files, best.safetensors), written without training."""
     from visiontune.config import TrainConfig
-    from visiontune.models import create_model
-    from visiontune.run import BEST_WEIGHTS, write_run_header
-    from visiontune.training_setup import resolve_run_preprocessing
+    from visiontune.model.create import create_model
+    from visiontune.run.folder import BEST_WEIGHTS, write_run_header
+    from visiontune.training.setup import resolve_run_preprocessing
 
     root = tmp_path_factory.mktemp("ckpt")
     data = make_image_folder(root / "data", classes=("red", "blue"), per_class=2, val_per_class=2)
@@ -66,8 +66,8 @@ PATHS = ["load_weights", "train --weights", "train --resume", "inspect", "conver
 
 @pytest.mark.parametrize("path", PATHS)
 def test_a_pickle_with_code_is_refused_and_never_runs(path, run_folder, tmp_path, capsys):
-    from visiontune.models import create_model
-    from visiontune.run import load_run
+    from visiontune.model.create import create_model
+    from visiontune.run.folder import load_run
 
     template, data = run_folder
     marker = tmp_path / "pwned"
@@ -112,7 +112,7 @@ def test_the_payload_really_runs_code_when_unpickled(tmp_path):
 
 
 def test_a_torch_file_named_safetensors_is_read_by_its_content(tmp_path):
-    from visiontune.models import create_model
+    from visiontune.model.create import create_model
 
     torch.manual_seed(1)
     source = create_model(MODEL, num_classes=2, weights=None)
@@ -127,7 +127,7 @@ def test_a_torch_file_named_safetensors_is_read_by_its_content(tmp_path):
 
 
 def _state(num_classes: int = 2) -> dict:
-    from visiontune.models import create_model
+    from visiontune.model.create import create_model
 
     torch.manual_seed(0)
     return create_model(MODEL, num_classes=num_classes, weights=None).state_dict()
@@ -169,7 +169,7 @@ LIES = {
 
 @pytest.mark.parametrize("lie", sorted(LIES))
 def test_a_safetensors_header_that_lies_about_sizes_is_refused(lie, tmp_path):
-    from visiontune.models import create_model
+    from visiontune.model.create import create_model
 
     path = tmp_path / "weights.safetensors"
     save_file(_state(), str(path))
@@ -193,7 +193,7 @@ def test_a_header_length_that_lies_is_refused(tmp_path):
 
 
 def _model():
-    from visiontune.models import create_model
+    from visiontune.model.create import create_model
 
     return create_model(MODEL, num_classes=2, weights=None)
 

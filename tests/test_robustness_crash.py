@@ -23,7 +23,7 @@ import torch
 
 from conftest import make_image_folder
 from visiontune.cli import main
-from visiontune.run import load_run, load_training_state
+from visiontune.run.folder import load_run, load_training_state
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 RECIPE = ["--model", "timm:test_resnet", "--weights", "none", "--image-size", "32", "--batch-size", "4", "--workers", "0",
@@ -60,15 +60,15 @@ STEP_SECONDS = 0.2
 STEPS_PER_EPOCH = 2  # 8 training images (2 classes x 4) in batches of 4
 SLOW_STEPS = rf"""
 import sys, time
-import visiontune.loops
+import visiontune.training.loops
 
-real_loss = visiontune.loops.compute_loss
+real_loss = visiontune.training.loops.compute_loss
 
 def slow_loss(*args, **kwargs):
     time.sleep({STEP_SECONDS})
     return real_loss(*args, **kwargs)
 
-visiontune.loops.compute_loss = slow_loss
+visiontune.training.loops.compute_loss = slow_loss
 from visiontune.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -192,17 +192,17 @@ SMALL = ["--model", "timm:test_resnet", "--weights", "none", "--image-size", "32
 
 @pytest.mark.slow
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
-    import visiontune.loops
+    import visiontune.training.loops
 
     data = make_image_folder(tmp_path / "data", classes=("red", "green"), per_class=4, val_per_class=2)
-    real_loss, calls = visiontune.loops.compute_loss, []
+    real_loss, calls = visiontune.training.loops.compute_loss, []
 
     def poisoned_after_epoch_1(outputs, targets, loss_fn):
         calls.append(1)
         loss = real_loss(outputs, targets, loss_fn)
         return loss * float("nan") if len(calls) > 2 else loss  # 8 images in batches of 4: 2 steps an epoch
 
-    monkeypatch.setattr(visiontune.loops, "compute_loss", poisoned_after_epoch_1)
+    monkeypatch.setattr(visiontune.training.loops, "compute_loss", poisoned_after_epoch_1)
     run_dir = tmp_path / "run"
     status = main(["train", "--data", str(data), *SMALL, "--epochs", "3", "--out", str(run_dir)])
     err = capsys.readouterr().err
@@ -239,12 +239,12 @@ def test_cuda_out_of_memory_becomes_advice_to_use_a_smaller_batch():
 
 
 def test_out_of_memory_during_training_reaches_the_user_as_one_line(tmp_path, capsys, monkeypatch):
-    import visiontune.engine
+    import visiontune.training.engine
 
     def out_of_memory(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 512.00 MiB")
 
-    monkeypatch.setattr(visiontune.engine, "train_one_epoch", out_of_memory)
+    monkeypatch.setattr(visiontune.training.engine, "train_one_epoch", out_of_memory)
     data = make_image_folder(tmp_path / "data", classes=("red", "green"), per_class=2, val_per_class=1)
     status = main(["train", "--data", str(data), *SMALL, "--epochs", "1", "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err

@@ -102,7 +102,7 @@ def test_a_dirty_folder_trains_and_report_json_lists_each_unreadable_file(dirty_
 def test_odd_images_reach_training_as_the_expected_pixels(dirty_folder, monkeypatch):
     from visiontune.config import TrainConfig
     from visiontune.data import decode_to_uint8, discover
-    from visiontune.training_setup import resolve_run_preprocessing
+    from visiontune.training.setup import resolve_run_preprocessing
 
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", BOMB_LIMIT)
     preprocessing = resolve_run_preprocessing(TrainConfig(model="timm:test_resnet", weights="none", image_size=32))

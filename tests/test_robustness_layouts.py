@@ -61,12 +61,12 @@ LAYOUTS = [empty_class_folder, no_images_at_all, val_classes_train_lacks, a_sing
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=[layout.__name__ for layout in LAYOUTS])
 def test_an_impossible_layout_stops_before_training_naming_the_problem(layout, tmp_path, capsys, monkeypatch):
-    import visiontune.models
+    import visiontune.model.create
 
     def no_model_please(*args, **kwargs):
         raise AssertionError("a model was built for a layout that cannot work")
 
-    monkeypatch.setattr(visiontune.models, "create_model", no_model_please)
+    monkeypatch.setattr(visiontune.model.create, "create_model", no_model_please)
     data, words = layout(tmp_path / "data")
     run_dir = tmp_path / "run"
     status = main(["train", "--data", str(data), *TINY, "--out", str(run_dir)])

@@ -4,13 +4,17 @@ whose head learns on cached features ends with the same weights as one that forw
 from __future__ import annotations
 
 import logging
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torchvision
 from torch import nn
 
-from visiontune.frozen_prefix import saved_activation_bytes
+# The measurement lives beside the speed benchmark that reports it; the test imports it from there.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from frozen_prefix import saved_activation_bytes  # noqa: E402
 
 
 def resnet_training_only(prefixes: tuple[str, ...]) -> nn.Module:
@@ -52,9 +56,9 @@ def test_saved_bytes_count_each_storage_once_and_skip_ignored_tensors():
 @pytest.mark.slow
 def test_a_linear_probe_on_cached_features_ends_where_the_uncached_one_does(image_folder, tmp_path, caplog):
     from visiontune.config import TrainConfig
-    from visiontune.engine import train
+    from visiontune.training.engine import train
 
-    caplog.set_level(logging.INFO, logger="visiontune.cached_phase")
+    caplog.set_level(logging.INFO, logger="visiontune.training.phase_inputs")
     results = {}
     for mode in ("off", "auto"):
         config = TrainConfig(data=str(image_folder), model="resnet18", weights="none", strategy="linear-probe",

@@ -6,15 +6,15 @@ import pytest
 import torch
 
 from visiontune.config import config_from_dict
-from visiontune.loops import set_train_mode
-from visiontune.strategies import apply_phase, build_optimizer, plan_phases
+from visiontune.training.loops import set_train_mode
+from visiontune.training.strategies import apply_phase, build_optimizer, plan_phases
 
 MODEL = "mobilenet_v3_small"
 LR = 0.01
 
 
 def setup(strategy: str, **values):
-    from visiontune.models import create_model
+    from visiontune.model.create import create_model
 
     config = config_from_dict({"data": "x", "model": MODEL, "strategy": strategy, "lr": LR, "epochs": 3, **values})
     torch.manual_seed(0)
@@ -22,7 +22,7 @@ def setup(strategy: str, **values):
 
 
 def head_parameters(model) -> set[str]:
-    from visiontune.heads import head_names
+    from visiontune.model.heads import head_names
 
     prefixes = tuple(f"{name}." for name in head_names(model))
     return {name for name, _ in model.named_parameters() if name.startswith(prefixes)}
@@ -73,7 +73,7 @@ def test_full_with_explicit_head_lr_and_layer_decay_spreads_the_backbone_rates()
 
 
 def test_partial_trains_the_last_groups_and_the_head():
-    from visiontune.freeze import layer_groups
+    from visiontune.model.freeze import layer_groups
 
     config, model, phases = setup("partial", train_groups=1)
     apply_phase(model, phases[0])

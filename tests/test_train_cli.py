@@ -10,7 +10,7 @@ import torch
 
 from conftest import make_image_folder
 from visiontune.cli import main
-from visiontune.run import RUN_FILES, load_run
+from visiontune.run.folder import RUN_FILES, load_run
 
 TINY = ["--model", "timm:test_resnet", "--weights", "none", "--image-size", "32", "--batch-size", "8", "--workers", "0",
         "--seed", "0", "--device", "cpu", "--quiet"]
@@ -115,7 +115,7 @@ def test_missing_data_folder_exits_2(tmp_path, capsys):
 @pytest.mark.slow
 def test_a_weights_file_is_loaded_and_its_report_kept(tmp_path):
     from visiontune.checkpoint import save_weights
-    from visiontune.models import create_model
+    from visiontune.model.create import create_model
 
     torch.manual_seed(1)
     pretrained = create_model("timm:test_resnet", num_classes=7, weights=None)  # another head size

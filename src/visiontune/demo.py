@@ -60,7 +60,7 @@ class DemoResult:
     data: DigitsFolder
     accuracy: float  # best validation accuracy, 0..1
     load_report: object  # visiontune.checkpoint.LoadReport of the ImageNet weights
-    train_result: object  # visiontune.engine.TrainResult
+    train_result: object  # visiontune.training.engine.TrainResult
 
 
 def efficientnet_lite0_weights() -> Path:
@@ -139,7 +139,7 @@ def demo_train_config(options: DemoOptions, data: Path, weights: Path, run_dir: 
 def preview_load_report(weights: Path, num_classes: int = 10):
     """What loading the ImageNet weights into the demo model does (a dry run, for showing)."""
     from visiontune.checkpoint import load_weights
-    from visiontune.models import create_model
+    from visiontune.model.create import create_model
 
     model = create_model(DEMO_MODEL, num_classes=num_classes, weights=None)
     return load_weights(model, weights, dry_run=True)
@@ -149,8 +149,8 @@ def run_demo(options: DemoOptions, reporter=None, announce: Callable[[str], None
     """Write the digits, show the weights' load report, train, and return where it all went.
 
     ``announce`` receives each step's description as it starts (the CLI prints them);
-    ``reporter`` is the training progress reporter (see :class:`visiontune.engine.Reporter`)."""
-    from visiontune.engine import train
+    ``reporter`` is the training progress reporter (see :class:`visiontune.training.engine.Reporter`)."""
+    from visiontune.training.engine import train
 
     if options.epochs < 2:
         raise ConfigError(f"--epochs must be at least 2 (one head-only epoch, then the whole network), got {options.epochs}")

@@ -39,7 +39,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from visiontune.checkpoint import load_weights, save_weights
     from visiontune.errors import ConfigError
-    from visiontune.models import create_model
+    from visiontune.model.create import create_model
 
     if not args.dry_run and not args.out:
         raise ConfigError("convert needs --out OUT.safetensors (or --dry-run to only see the report).")

@@ -25,7 +25,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from visiontune.errors import ConfigError
-    from visiontune.predict import evaluate_run, open_run
+    from visiontune.run.inference import evaluate_run, open_run
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")

@@ -24,7 +24,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from visiontune.errors import ConfigError
-    from visiontune.export import export_run
+    from visiontune.run.export import export_run
 
     if not args.tolerance > 0:
         raise ConfigError(f"--tolerance must be positive, got {args.tolerance}")

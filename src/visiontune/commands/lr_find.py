@@ -35,8 +35,8 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from visiontune.config import config_from_args
     from visiontune.errors import ConfigError
-    from visiontune.lr_finder import lr_find, plot_lr_find
-    from visiontune.training_setup import build_training
+    from visiontune.training.lr_finder import lr_find, plot_lr_find
+    from visiontune.training.setup import build_training
 
     if args.steps < 2:
         raise ConfigError(f"--steps must be at least 2, got {args.steps}")

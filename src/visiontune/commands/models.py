@@ -29,7 +29,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from visiontune.registry import count_parameters, list_models
+    from visiontune.model.registry import count_parameters, list_models
 
     infos = [i for i in list_models(args.pattern) if args.source in ("all", i.source)]
     timm_infos = [i for i in infos if i.source == "timm"]

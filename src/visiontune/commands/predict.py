@@ -27,7 +27,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from visiontune.errors import ConfigError, DataError
-    from visiontune.predict import collect_images, open_run, predict_images
+    from visiontune.run.inference import collect_images, open_run, predict_images
 
     if args.top_k < 1:
         raise ConfigError(f"--top-k must be at least 1, got {args.top_k}")

@@ -22,7 +22,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from visiontune.errors import ConfigError
-    from visiontune.report_html import write_report
+    from visiontune.run.report_html import write_report
 
     if args.max_wrong < 0:
         raise ConfigError(f"--max-wrong must be 0 or more, got {args.max_wrong}")

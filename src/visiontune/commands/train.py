@@ -34,7 +34,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from visiontune import distributed
-    from visiontune.engine import resume, train
+    from visiontune.training.engine import resume, train
 
     if args.nproc is not None and args.nproc != 1 and not distributed.launched_by_torchrun():
         return distributed.launch_local(args.nproc, relaunch_arguments(args))
@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def interrupted_message(run_dir: str | None) -> str:
-    from visiontune.run import LAST_CHECKPOINT
+    from visiontune.run.folder import LAST_CHECKPOINT
 
     if run_dir and (Path(run_dir) / LAST_CHECKPOINT).is_file():
         return (f"interrupted; the last completed epoch is saved in {Path(run_dir) / LAST_CHECKPOINT}, "

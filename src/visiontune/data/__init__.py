@@ -5,7 +5,7 @@
 ``build_transforms`` gives the weights' evaluation preprocessing and the training augmentation.
 """
 
-from visiontune.data.cache import (
+from visiontune.data.decoded_cache import (
     DecodedImages,
     InMemoryDataset,
     available_memory_bytes,

@@ -15,7 +15,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2
 
 from visiontune.errors import ConfigError
-from visiontune.preprocessing import Preprocessing
+from visiontune.model.preprocessing import Preprocessing
 
 AUGMENTATIONS = ("none", "basic", "trivial", "randaugment")
 INTERPOLATIONS = {

@@ -74,7 +74,7 @@ class _MappedFeatures(torch.utils.data.Dataset):
 def allocate_features(views: int, count: int, feature_shape: tuple, entry: Path | None, store: str):
     """A (views, count, *feature_shape) float32 buffer: a tensor in memory, or a .npy memory map
     in a staging folder beside ``entry``; returns ``(buffer, staging folder or None)``."""
-    from visiontune.data.cache import available_memory_bytes
+    from visiontune.data.decoded_cache import available_memory_bytes
 
     shape = (views, count, *feature_shape)
     needed = int(np.prod(shape)) * 4

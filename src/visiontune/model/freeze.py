@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
 from visiontune.errors import ConfigError
-from visiontune.heads import head_names
+from visiontune.model.heads import head_names
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ require grad, so nothing before the first trainable layer is recorded or saved: 
 prefix already runs "under no_grad", without wrapping it in ``torch.no_grad()`` (measured on
 resnet18 with only ``layer4`` + ``fc`` training: the same bytes are saved for backward with or
 without the wrapper, a fifth of what full fine-tuning saves). What makes it so is that
-:func:`visiontune.freeze.freeze` clears ``requires_grad``; :func:`saved_activation_bytes` is the
+:func:`visiontune.model.freeze.freeze` clears ``requires_grad``; :func:`saved_activation_bytes` is the
 measurement that shows it, used by the speed benchmark and by the tests that guard it.
 
 ``torch.profiler`` and ``tracemalloc`` do not see tensor storage on the CPU and

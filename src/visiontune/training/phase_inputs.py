@@ -1,7 +1,7 @@
 """The training loop's side of the feature cache: which model and loaders an epoch uses.
 
-:func:`visiontune.engine.fit` asks :meth:`PhaseInputs.for_epoch` at every epoch. In a phase where
-only the head trains on a frozen backbone (see :func:`visiontune.feature_cache.plan_feature_cache`)
+:func:`visiontune.training.engine.fit` asks :meth:`PhaseInputs.for_epoch` at every epoch. In a phase where
+only the head trains on a frozen backbone (see :func:`visiontune.features.extract.plan_feature_cache`)
 the answer is the head module and loaders over cached features (train and val), built once when
 the phase starts; otherwise it is the whole model and the setup's own loaders. The head is the
 model's own module, so the optimizer, the best-weights file and the checkpoint are unchanged, and
@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from visiontune import distributed
-from visiontune.feature_cache import (
+from visiontune.features.extract import (
     CachedFeatures,
     CachePlan,
     HeadNotReproducible,
@@ -109,7 +109,7 @@ class PhaseInputs:
         )
 
     def _cached_inputs(self, plan: CachePlan) -> EpochInputs:
-        from visiontune.heads import find_head
+        from visiontune.model.heads import find_head
 
         setup = self.setup
         store = getattr(setup.config, "feature_cache", "auto")

@@ -3,7 +3,7 @@
 A frozen backbone (BatchNorm in eval mode, no trainable parameter before the head) maps an image
 to the same features every epoch, so ``linear-probe`` and the first phase of ``gradual`` can compute
 them once and train the head on them: the epochs cost almost nothing. The head's input is captured
-with a forward pre-hook on the module :func:`visiontune.heads.find_head` names, and each model is
+with a forward pre-hook on the module :func:`visiontune.model.heads.find_head` names, and each model is
 checked once: ``head(features)`` must reproduce ``model(images)``. Models whose output goes through
 more operations after the head (squeezenet's ReLU and pooling after its conv classifier) fail that
 check and train the normal way.
@@ -35,7 +35,7 @@ import torch
 import torch.utils.data
 from torch import nn
 
-from visiontune.feature_store import (
+from visiontune.features.store import (
     CACHE_FORMAT_VERSION,
     CachedFeatures,
     allocate_features,
@@ -87,9 +87,9 @@ def plan_feature_cache(
     (:func:`visiontune.data.is_deterministic`); ``views``: augmented copies per image to cache when
     it is random (0: train uncached); ``batch_mixing``: mixup/cutmix are on (they mix images, not
     features, so they rule the cache out); ``set_train_mode``: how the training loop puts the model
-    in training mode (default :func:`visiontune.loops.set_train_mode`, which keeps frozen
+    in training mode (default :func:`visiontune.training.loops.set_train_mode`, which keeps frozen
     BatchNorm in eval mode), to see which layers would behave differently while training."""
-    from visiontune.heads import find_head
+    from visiontune.model.heads import find_head
 
     head_name, head = find_head(model)
     head_params = {id(p) for p in head.parameters()}
@@ -115,7 +115,7 @@ def plan_feature_cache(
 def _backbone_batchnorm_in_training(model: nn.Module, head: nn.Module, set_train_mode) -> str | None:
     """The first BatchNorm outside the head that would normalise with batch statistics in training."""
     if set_train_mode is None:
-        from visiontune.loops import set_train_mode
+        from visiontune.training.loops import set_train_mode
     was_training = {module: module.training for module in model.modules()}
     set_train_mode(model)
     try:
@@ -143,7 +143,7 @@ def _dropout_note(model: nn.Module, head: nn.Module) -> str:
 @contextlib.contextmanager
 def capture_head_input(model: nn.Module) -> Iterator[dict]:
     """While active, ``captured["features"]`` holds the input of the last head call of ``model``."""
-    from visiontune.heads import find_head
+    from visiontune.model.heads import find_head
 
     head_name, head = find_head(model)
     captured: dict = {}
@@ -163,7 +163,7 @@ def capture_head_input(model: nn.Module) -> Iterator[dict]:
 def check_head_reproduces_output(model: nn.Module, features: torch.Tensor, output) -> None:
     """Raise HeadNotReproducible unless ``head(features)`` equals ``output``, the model's output
     whose head input was ``features``."""
-    from visiontune.heads import find_head
+    from visiontune.model.heads import find_head
 
     head_name, head = find_head(model)
     if not isinstance(output, torch.Tensor):
@@ -182,7 +182,7 @@ def feature_cache_key(model: nn.Module, samples: Iterable, *, transform_descript
     ``samples``: objects with ``.path`` and ``.label`` in dataset order (size and mtime are read
     here, so an edited or replaced file gives a new key); ``transform_description``: the training
     transform's ``repr`` (it lists every step and parameter, including the normalisation)."""
-    from visiontune.heads import find_head
+    from visiontune.model.heads import find_head
 
     digest = hashlib.blake2b(digest_size=20)
     name = model_name or getattr(model, "visiontune_name", type(model).__name__)

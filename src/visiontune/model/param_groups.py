@@ -15,7 +15,7 @@ import math
 from torch import nn
 
 from visiontune.errors import ConfigError
-from visiontune.freeze import NORM_TYPES, group_of, layer_groups
+from visiontune.model.freeze import NORM_TYPES, group_of, layer_groups
 
 # Parameter names (last component) of position embeddings and tokens: never decayed.
 EMBEDDING_NAMES = frozenset({

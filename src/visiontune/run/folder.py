@@ -32,7 +32,7 @@ from torch import nn
 from visiontune.config import TrainConfig, read_config, save_config
 from visiontune.device import is_main_process
 from visiontune.errors import CheckpointError, ConfigError
-from visiontune.preprocessing import Preprocessing
+from visiontune.model.preprocessing import Preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -225,8 +225,8 @@ class LoadedRun:
     run_dir: Path
 
     def predict(self, paths, top_k: int = 5):
-        """Classify image files: ``(predictions, skipped)`` as :func:`visiontune.predict.predict_images`."""
-        from visiontune.predict import predict_images  # predict builds on this module
+        """Classify image files: ``(predictions, skipped)`` as :func:`visiontune.run.inference.predict_images`."""
+        from visiontune.run.inference import predict_images  # predict builds on this module
 
         return predict_images(self, [paths] if isinstance(paths, (str, Path)) else paths, top_k=top_k)
 
@@ -250,7 +250,7 @@ def load_run(run_dir: str | Path, checkpoint: str = "best", device: str | torch.
 
 def build_run_model(config: TrainConfig, num_classes: int) -> nn.Module:
     """The run's architecture with random weights (the trained ones are loaded on top)."""
-    from visiontune.models import create_model
+    from visiontune.model.create import create_model
 
     return create_model(config.model, num_classes=num_classes, weights=None)
 

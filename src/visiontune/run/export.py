@@ -297,7 +297,7 @@ def export_run(run_dir: str | Path, format: str = "onnx", out: str | Path | None
     """Export a run's model to ``out`` (default ``RUN/model.onnx`` / ``RUN/model.pt``), verify it on
     validation images of the run's data (random inputs when the data is not reachable), and write
     ``out.json``. Raises :class:`ExportVerificationError` (and removes the file) on a mismatch."""
-    from visiontune.run import load_run
+    from visiontune.run.folder import load_run
 
     check_format(format)
     if format == "onnx":

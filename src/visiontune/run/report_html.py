@@ -2,7 +2,7 @@
 
 Everything is inside the file: images are inlined as base64 ``data:`` URIs and the only style is
 an inline ``<style>`` block, so it opens offline, attached to an e-mail, or from an archive. It
-is built only from the files a run leaves (see :mod:`visiontune.run`), so it can be rebuilt at
+is built only from the files a run leaves (see :mod:`visiontune.run.folder`), so it can be rebuilt at
 any time (``visiontune report --run RUN``). Every optional file that is missing turns its
 section into "not available" instead of an error; every piece of text is HTML-escaped.
 """
@@ -132,7 +132,7 @@ def _confusion_section(run_dir: Path, report: dict, classes: list) -> str:
     def plot(path: Path) -> bool:
         if not (confusion and classes):
             return False
-        from visiontune.plots import plot_confusion
+        from visiontune.run.plots import plot_confusion
 
         plot_confusion(confusion, classes, path)
         return True
@@ -198,7 +198,7 @@ def _plot_curves_from_csv(run_dir: Path, path: Path) -> bool:
     rows = _read_csv(run_dir / "metrics.csv")
     if not rows:
         return False
-    from visiontune.plots import plot_curves
+    from visiontune.run.plots import plot_curves
 
     plot_curves(rows, path)
     return True

@@ -19,13 +19,13 @@ import torch
 from visiontune import distributed
 from visiontune.config import TrainConfig, config_from_dict, validate
 from visiontune.errors import ConfigError
-from visiontune.loops import EpochStats, NonFiniteLossError, evaluate, require_finite, train_one_epoch
-from visiontune.run import (capture_rng_state, check_run_dir, default_run_dir, load_training_state, prepare_run_dir,
+from visiontune.training.loops import EpochStats, NonFiniteLossError, evaluate, require_finite, train_one_epoch
+from visiontune.run.folder import (capture_rng_state, check_run_dir, default_run_dir, load_training_state, prepare_run_dir,
                             restore_rng_state, save_best_weights, save_training_state, write_metrics_csv,
                             write_run_header)
-from visiontune.schedule import build_schedule
-from visiontune.strategies import apply_phase, build_optimizer, describe_groups, phase_index_for_epoch
-from visiontune.training_setup import TrainingSetup, build_training, is_weights_file
+from visiontune.training.schedule import build_schedule
+from visiontune.training.strategies import apply_phase, build_optimizer, describe_groups, phase_index_for_epoch
+from visiontune.training.setup import TrainingSetup, build_training, is_weights_file
 
 log = logging.getLogger(__name__)
 
@@ -149,8 +149,8 @@ def _enter_phase(setup: TrainingSetup, phase_index: int) -> None:
 
 def fit(setup: TrainingSetup, state: dict, run_dir: Path, reporter: Reporter) -> TrainResult:
     """Run the remaining epochs of ``state``, then evaluate the best model and write the report."""
-    from visiontune.artifacts import TensorBoardLog, write_final_artifacts
-    from visiontune.cached_phase import PhaseInputs
+    from visiontune.training.final_artifacts import TensorBoardLog, write_final_artifacts
+    from visiontune.training.phase_inputs import PhaseInputs
 
     config, model = setup.config, setup.model
     steps_per_epoch = len(setup.train_loader)
@@ -159,7 +159,7 @@ def fit(setup: TrainingSetup, state: dict, run_dir: Path, reporter: Reporter) ->
         scaler.load_state_dict(state["scaler"])
     tensorboard = TensorBoardLog(run_dir)
     # Which model and loaders each epoch uses: a phase that trains only the head on a frozen
-    # backbone trains it on features computed once (visiontune.feature_cache).
+    # backbone trains it on features computed once (visiontune.features.extract).
     phase_inputs = PhaseInputs(setup)
     # Recomputed rather than read back, so a resume with a larger --patience can continue.
     stopped_early = 0 < config.patience <= state["epochs_without_improvement"]
@@ -249,7 +249,7 @@ def _metrics_row(epoch: int, phase: str, stats: EpochStats, val: dict, val_secon
 
 def _apply_lr_finder(setup: TrainingSetup) -> None:
     """``--lr auto``: run the range test with the run's own optimizer and use its suggestion."""
-    from visiontune.lr_finder import lr_find
+    from visiontune.training.lr_finder import lr_find
 
     config = setup.config
     result = lr_find(setup.model, setup.train_loader, setup.optimizer, setup.loss_fn, setup.device,

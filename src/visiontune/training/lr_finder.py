@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from visiontune.loops import compute_loss, set_train_mode
+from visiontune.training.loops import compute_loss, set_train_mode
 
 log = logging.getLogger(__name__)
 

@@ -10,13 +10,13 @@ from pathlib import Path
 import torch
 
 from visiontune.device import is_main_process
-from visiontune.loops import evaluate
-from visiontune.plots import plot_confusion, plot_curves
-from visiontune.report_html import write_report
-from visiontune.run import (BEST_WEIGHTS, CONFUSION_FILE, CURVES_FILE, REPORT_FILE, TENSORBOARD_DIR,
+from visiontune.training.loops import evaluate
+from visiontune.run.plots import plot_confusion, plot_curves
+from visiontune.run.report_html import write_report
+from visiontune.run.folder import (BEST_WEIGHTS, CONFUSION_FILE, CURVES_FILE, REPORT_FILE, TENSORBOARD_DIR,
                             write_json, write_metrics_csv, write_val_predictions)
-from visiontune.strategies import describe_groups
-from visiontune.training_setup import TrainingSetup
+from visiontune.training.strategies import describe_groups
+from visiontune.training.setup import TrainingSetup
 
 log = logging.getLogger(__name__)
 

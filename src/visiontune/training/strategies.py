@@ -71,7 +71,7 @@ def phase_index_for_epoch(phases: list[Phase], epoch: int) -> int:
 
 def apply_phase(model: nn.Module, phase: Phase) -> list[str]:
     """Set requires_grad (and frozen BN to eval) for ``phase``; returns the trainable parameter names."""
-    from visiontune.freeze import freeze
+    from visiontune.model.freeze import freeze
 
     trainable = freeze(model, train=phase.train, bn="frozen")
     log.info("phase %s: %d trainable parameter tensors", phase.name, len(trainable))
@@ -91,7 +91,7 @@ def layer_decay_for(model: nn.Module, phase: Phase, config: TrainConfig) -> floa
     backbone from ``lr`` (last group) down to ``lr * GRADUAL_LOWEST_LR_RATIO`` (first group)."""
     if config.layer_decay is not None or config.strategy != "gradual" or phase.train != "all":
         return config.layer_decay
-    from visiontune.freeze import layer_groups
+    from visiontune.model.freeze import layer_groups
 
     backbone_groups = max(1, len(layer_groups(model)) - 1)  # the last group is the head
     if backbone_groups == 1:
@@ -101,7 +101,7 @@ def layer_decay_for(model: nn.Module, phase: Phase, config: TrainConfig) -> floa
 
 def learning_rate_groups(model: nn.Module, phase: Phase, config: TrainConfig) -> list[dict]:
     """Optimizer parameter groups of the trainable parameters, each with its peak ``lr``."""
-    from visiontune.optim import param_groups
+    from visiontune.model.param_groups import param_groups
 
     decay = layer_decay_for(model, phase, config)
     groups = param_groups(
@@ -127,7 +127,7 @@ def learning_rate_groups(model: nn.Module, phase: Phase, config: TrainConfig) ->
 def build_optimizer(model: nn.Module, phase: Phase, config: TrainConfig) -> torch.optim.Optimizer:
     """AdamW (default) or SGD with momentum over ``phase``'s trainable parameters.
 
-    Each group keeps ``peak_lr``; :func:`visiontune.schedule.set_learning_rates` scales it per step."""
+    Each group keeps ``peak_lr``; :func:`visiontune.training.schedule.set_learning_rates` scales it per step."""
     groups = learning_rate_groups(model, phase, config)
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=float(config.lr), momentum=config.momentum, nesterov=config.momentum > 0)

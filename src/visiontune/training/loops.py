@@ -18,7 +18,7 @@ from torch import nn
 from visiontune import distributed
 from visiontune.device import Precision, autocast
 from visiontune.errors import VisiontuneError
-from visiontune.schedule import Schedule, set_learning_rates
+from visiontune.training.schedule import Schedule, set_learning_rates
 
 # torchvision's weights for the auxiliary classifiers' losses (GoogLeNet has two, Inception v3 one).
 AUX_WEIGHT_ONE_HEAD = 0.4

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from visiontune.errors import ModelError
-from visiontune.initialization import init_weights
+from visiontune.model.init import init_weights
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def head_names(model: nn.Module) -> list[str]:
 def replace_head(model: nn.Module, num_classes: int, init: str = "kaiming") -> nn.Module:
     """Give ``model`` new, freshly initialised heads (main and auxiliary) with ``num_classes``
     outputs. Each new layer keeps the old one's input width, bias, device and dtype; nothing of the
-    old head's weights is kept. ``init`` is an :func:`~visiontune.initialization.init_weights`
+    old head's weights is kept. ``init`` is an :func:`~visiontune.model.init.init_weights`
     scheme (a 1x1-conv head is initialised as the linear layer it is). Returns ``model``."""
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ModelError(f"num_classes must be a positive integer, got {num_classes!r}")

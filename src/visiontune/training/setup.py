@@ -27,8 +27,8 @@ from visiontune import distributed
 from visiontune.config import TrainConfig
 from visiontune.device import (Precision, configure_threads, default_workers, prefers_channels_last, resolve_device,
                                resolve_precision)
-from visiontune.preprocessing import Preprocessing
-from visiontune.strategies import Phase, apply_phase, build_optimizer, plan_phases
+from visiontune.model.preprocessing import Preprocessing
+from visiontune.training.strategies import Phase, apply_phase, build_optimizer, plan_phases
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ def build_training(config: TrainConfig) -> TrainingSetup:
 
 
 def resolve_run_preprocessing(config: TrainConfig) -> Preprocessing:
-    from visiontune.models import resolve_preprocessing
+    from visiontune.model.create import resolve_preprocessing
 
     preprocessing = resolve_preprocessing(config.model, weights=_builtin_weights(config.weights))
     return preprocessing.with_image_size(config.image_size) if config.image_size else preprocessing
@@ -171,7 +171,7 @@ def is_weights_file(weights: str) -> bool:
 def build_model(config: TrainConfig, num_classes: int) -> tuple[nn.Module, dict | None]:
     """The architecture with its pretrained weights; a weights file goes through load_weights,
     whose report is returned (as a dict) for report.json."""
-    from visiontune.models import create_model
+    from visiontune.model.create import create_model
 
     model = create_model(config.model, num_classes=num_classes, weights=_builtin_weights(config.weights))
     if not is_weights_file(config.weights):

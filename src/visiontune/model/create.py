@@ -1,11 +1,11 @@
 """Build a fine-tuning-ready classifier: architecture, pretrained weights, input channels, new head.
 
-``create_model`` is the one front door. Names come from :mod:`visiontune.registry`
+``create_model`` is the one front door. Names come from :mod:`visiontune.model.registry`
 (torchvision names as they are, timm names behind ``timm:``); weights are ``None`` (random), a
 weights name that the zoo downloads itself (``"DEFAULT"``, ``"IMAGENET1K_V1"``, a timm tag), or a
 local checkpoint read by :func:`visiontune.checkpoint.load_weights`. The pretrained head is always
 loaded and then thrown away: the new head is initialised from scratch by
-:func:`visiontune.heads.replace_head`.
+:func:`visiontune.model.heads.replace_head`.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from visiontune.errors import ModelError
-from visiontune.heads import replace_head
-from visiontune.preprocessing import Preprocessing
-from visiontune.registry import ModelInfo, ModelSpec, list_models, parse_name
+from visiontune.model.heads import replace_head
+from visiontune.model.preprocessing import Preprocessing
+from visiontune.model.registry import ModelInfo, ModelSpec, list_models, parse_name
 
 logger = logging.getLogger(__name__)
 

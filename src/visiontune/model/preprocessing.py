@@ -1,7 +1,7 @@
 """How images must be prepared for a given set of pretrained weights.
 
 Resolved from the weights' own metadata (torchvision ``weights.transforms()``, timm
-``pretrained_cfg``) by :func:`visiontune.models.resolve_preprocessing`; consumed by the data
+``pretrained_cfg``) by :func:`visiontune.model.create.resolve_preprocessing`; consumed by the data
 transforms, written into every run folder, and shipped next to exported models.
 """
 

@@ -1,6 +1,6 @@
 """Using a finished run: classify image files, or measure the model on a labelled folder.
 
-Both work on a :class:`visiontune.run.LoadedRun` (``load_run(RUN)``) and prepare images exactly
+Both work on a :class:`visiontune.run.folder.LoadedRun` (``load_run(RUN)``) and prepare images exactly
 as the run's validation did: ``load_image`` then the evaluation transform of the run's saved
 preprocessing. Unreadable images never stop the work; they are returned as ``(path, reason)``.
 """
@@ -161,14 +161,14 @@ def _evaluated_root(data: str | Path, classes: Sequence[str]) -> str:
     return str(val_dir if val_dir is not None and val_dir.name not in classes else root)
 
 
-RUN_MARKER = "config.yaml"  # every run folder has it (visiontune.run.CONFIG_FILE)
+RUN_MARKER = "config.yaml"  # every run folder has it (visiontune.run.folder.CONFIG_FILE)
 
 
 def open_run(run_dir: str | Path, checkpoint: str = "best", device: str = "auto"):
     """``load_run`` with a clear message when ``run_dir`` is missing or is not a run folder."""
     from visiontune.device import resolve_device
     from visiontune.errors import ConfigError
-    from visiontune.run import load_run
+    from visiontune.run.folder import load_run
 
     path = Path(run_dir).expanduser()
     if not path.exists():

@@ -1,0 +1,1 @@
+"""Backbone features computed once for a frozen backbone, and where they are kept."""
