@@ -8,7 +8,7 @@
 phase, RNG states, config, history) and loads with ``torch.load(weights_only=True)``: it holds
 only tensors and plain Python values, no numpy arrays or pickled objects.
 
-Only the main process writes (:func:`visiontune.device.is_main_process`), so distributed
+Only the main process writes (:func:`visiontune.distributed.is_main_process`), so distributed
 training can call the same functions from every rank.
 """
 
@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from visiontune.config import TrainConfig, read_config, save_config
-from visiontune.device import is_main_process
+from visiontune.distributed import is_main_process
 from visiontune.errors import CheckpointError, ConfigError
 from visiontune.model.preprocessing import Preprocessing
 

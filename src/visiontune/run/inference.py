@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from visiontune.errors import DataError
 from visiontune.metrics import ClassificationMetrics
+from visiontune.model.outputs import main_logits
 
 log = logging.getLogger(__name__)
 
@@ -140,11 +141,7 @@ def _image_batches(
 
 @torch.inference_mode()
 def _logits(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-    output = model(images)
-    if isinstance(output, torch.Tensor):
-        return output
-    # googlenet / inception_v3 return a namedtuple with .logits in train mode
-    return getattr(output, "logits", output[0])
+    return main_logits(model(images))
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:

@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from visiontune import distributed
+from visiontune.checkpoint.suffixes import has_weight_suffix
 from visiontune.config import TrainConfig
 from visiontune.device import (Precision, configure_threads, default_workers, prefers_channels_last, resolve_device,
                                resolve_precision)
@@ -164,8 +165,7 @@ def _builtin_weights(weights: str) -> str | None:
 
 
 def is_weights_file(weights: str) -> bool:
-    return Path(weights).expanduser().exists() or any(
-        weights.endswith(suffix) for suffix in (".safetensors", ".pth", ".pt", ".ckpt", ".bin"))
+    return Path(weights).expanduser().exists() or has_weight_suffix(weights)
 
 
 def build_model(config: TrainConfig, num_classes: int) -> tuple[nn.Module, dict | None]:
