@@ -37,6 +37,9 @@ class Precision:
         return self.dtype is torch.float16
 
 
+DEVICES = ("auto", "cpu", "cuda")  # the names resolve_device (and every --device flag) takes
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is a ConfigError."""
     if name == "auto":
