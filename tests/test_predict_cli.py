@@ -115,7 +115,6 @@ def test_predict_single_file_plain_output_and_top_k_capped(trained, capsys):
         (lambda data, run, tmp: ["predict", "--run", str(data), str(data)], "not a visiontune run folder"),
         (lambda data, run, tmp: ["predict", "--run", str(run), str(tmp / "missing.png")], "does not exist"),
         (lambda data, run, tmp: ["predict", "--run", str(run), str(tmp)], "no images found"),
-        (lambda data, run, tmp: ["predict", "--run", str(run), "--top-k", "0", str(data)], "--top-k"),
         (lambda data, run, tmp: ["evaluate", "--run", str(tmp), "--data", str(data)], "not a visiontune run folder"),
         (lambda data, run, tmp: ["evaluate", "--run", str(run), "--data", str(tmp / "nope")], "does not exist"),
     ],

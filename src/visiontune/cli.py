@@ -47,13 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"visiontune {_version()}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"visiontune.commands.{name}")
-        except ModuleNotFoundError as error:
-            if error.name == f"visiontune.commands.{name}":
-                continue  # a command not built yet is simply not offered
-            raise
-        module.register(subparsers)
+        importlib.import_module(f"visiontune.commands.{name}").register(subparsers)
     return parser
 
 

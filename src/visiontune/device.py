@@ -37,6 +37,9 @@ class Precision:
         return self.dtype is torch.float16
 
 
+DEVICES = ("auto", "cpu", "cuda")  # the names resolve_device (and every --device flag) takes
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is a ConfigError."""
     if name == "auto":
@@ -116,11 +119,3 @@ def out_of_memory_error(error: BaseException, batch_size: int) -> ConfigError:
     return ConfigError(
         f"the GPU ran out of memory with --batch-size {batch_size} ({detail}); try a smaller batch ({smaller}"
         "--precision bf16 or fp16 also halves activations), a smaller --image-size, or a smaller model")
-
-
-def is_main_process() -> bool:
-    """Only rank 0 writes the run folder and prints. Single-process runs are rank 0; under
-    torchrun (issue #6) RANK is set for every process."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank() == 0
-    return int(os.environ.get("RANK", "0")) == 0

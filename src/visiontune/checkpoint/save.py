@@ -7,11 +7,10 @@ import os
 from pathlib import Path
 
 from visiontune.checkpoint.io import atomic_write, read_checkpoint
+from visiontune.checkpoint.suffixes import SAFETENSORS_SUFFIX, TORCH_SUFFIXES
 from visiontune.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
-
-TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 
 
 def save_weights(model_or_state_dict, path: str | os.PathLike) -> Path:
@@ -23,9 +22,9 @@ def save_weights(model_or_state_dict, path: str | os.PathLike) -> Path:
     """
     path = Path(path)
     if not path.suffix:
-        path = path.with_suffix(".safetensors")
+        path = path.with_suffix(SAFETENSORS_SUFFIX)
     state_dict = _as_state_dict(model_or_state_dict)
-    if path.suffix == ".safetensors":
+    if path.suffix == SAFETENSORS_SUFFIX:
         _save_safetensors(state_dict, path)
     elif path.suffix in TORCH_SUFFIXES:
         _save_torch(state_dict, path)

@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from visiontune.commands.common import add_run_arguments
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -14,22 +16,17 @@ def register(subparsers) -> None:
         description="Accuracy, top-5, macro-F1, loss and per-class precision/recall of a run's model on "
         "DIR/<class>/<image> (or DIR/val/<class>/... when DIR is a dataset root, or a CSV manifest).",
     )
-    parser.add_argument("--run", required=True, metavar="RUN", help="run folder written by 'visiontune train'")
+    add_run_arguments(parser, batch_size=64)
     parser.add_argument("--data", required=True, metavar="DIR", help="labelled folder of class sub-folders, or a CSV")
-    parser.add_argument("--checkpoint", choices=("best", "last"), default="best", help="which weights (default: best)")
-    parser.add_argument("--batch-size", type=int, default=64, metavar="B", help="images per forward pass (default: 64)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run (default: auto)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from visiontune.errors import ConfigError
-    from visiontune.run.inference import evaluate_run, open_run
+    from visiontune.run.folder import load_run
+    from visiontune.run.inference import evaluate_run
 
-    if args.batch_size < 1:
-        raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
-    loaded = open_run(args.run, checkpoint=args.checkpoint, device=args.device)
+    loaded = load_run(args.run, checkpoint=args.checkpoint, device=args.device)
     evaluation = evaluate_run(loaded, args.data, batch_size=args.batch_size)
     if args.json:
         result = {"run": str(args.run), "checkpoint": args.checkpoint, **evaluation.to_dict()}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from visiontune.commands.common import add_run_arguments
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -13,10 +15,9 @@ def register(subparsers) -> None:
         "dynamic batch size) to FILE and its preprocessing and class names to FILE.json, then run FILE with "
         "its own runtime (onnxruntime / torch.jit.load) at batch sizes 1 and 3 and compare with PyTorch.",
     )
-    parser.add_argument("--run", required=True, metavar="RUN", help="run folder written by 'visiontune train'")
+    add_run_arguments(parser)
     parser.add_argument("--format", choices=("onnx", "torchscript"), default="onnx", help="(default: onnx)")
     parser.add_argument("--out", metavar="FILE", help="where to write (default: RUN/model.onnx or RUN/model.pt)")
-    parser.add_argument("--checkpoint", choices=("best", "last"), default="best", help="which weights (default: best)")
     parser.add_argument("--tolerance", type=float, default=1e-3, metavar="T",
                         help="largest accepted |exported - PyTorch| of any logit (default: 1e-3)")
     parser.set_defaults(func=run)

@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from visiontune.commands.common import add_run_arguments, positive_int
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -14,27 +16,22 @@ def register(subparsers) -> None:
         description="Print the top-K labels and probabilities for each image. Folders are searched "
         "recursively for image files; unreadable images are reported on stderr and skipped.",
     )
-    parser.add_argument("--run", required=True, metavar="RUN", help="run folder written by 'visiontune train'")
+    add_run_arguments(parser, batch_size=32)
     parser.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders of images")
-    parser.add_argument("--top-k", type=int, default=3, metavar="K", help="labels to show per image (default: 3)")
-    parser.add_argument("--checkpoint", choices=("best", "last"), default="best", help="which weights (default: best)")
-    parser.add_argument("--batch-size", type=int, default=32, metavar="B", help="images per forward pass (default: 32)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run (default: auto)")
+    parser.add_argument("--top-k", type=positive_int, default=3, metavar="K",
+                        help="labels to show per image (default: 3)")
     parser.add_argument("--json", action="store_true",
                         help='print a JSON list of {"path", "label", "score", "top_k": [{"label", "score"}]}')
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from visiontune.errors import ConfigError, DataError
-    from visiontune.run.inference import collect_images, open_run, predict_images
+    from visiontune.errors import DataError
+    from visiontune.run.folder import load_run
+    from visiontune.run.inference import collect_images, predict_images
 
-    if args.top_k < 1:
-        raise ConfigError(f"--top-k must be at least 1, got {args.top_k}")
-    if args.batch_size < 1:
-        raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
     images = collect_images(args.paths)  # before loading the model: a typo fails fast
-    loaded = open_run(args.run, checkpoint=args.checkpoint, device=args.device)
+    loaded = load_run(args.run, checkpoint=args.checkpoint, device=args.device)
     predictions, skipped = predict_images(loaded, images, top_k=args.top_k, batch_size=args.batch_size)
     for path, reason in skipped:
         print(f"skipped unreadable image {path}: {reason}", file=sys.stderr)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from visiontune.commands.common import add_run_folder_argument
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -13,7 +15,7 @@ def register(subparsers) -> None:
         "configuration, the pretrained weights' load report, learning curves, confusion matrix, per-class "
         "precision/recall and the validation images it got most wrong.",
     )
-    parser.add_argument("--run", required=True, metavar="RUN", help="run folder written by 'visiontune train'")
+    add_run_folder_argument(parser)
     parser.add_argument("--out", metavar="FILE", help="where to write (default: RUN/report.html)")
     parser.add_argument("--max-wrong", type=int, default=24, metavar="N",
                         help="how many misclassified validation images to show (default: 24)")

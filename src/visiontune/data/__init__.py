@@ -8,12 +8,11 @@
 from visiontune.data.decoded_cache import (
     DecodedImages,
     InMemoryDataset,
-    available_memory_bytes,
     decode_to_uint8,
     decoded_bytes,
     fits_in_memory,
 )
-from visiontune.data.datasets import DatasetSplit, ImageDataset, Sample, discover, list_images, scan_labelled
+from visiontune.data.datasets import ImageDataset, discover, list_images, scan_labelled
 from visiontune.data.images import (
     BAD_IMAGE_POLICIES,
     IMAGE_EXTENSIONS,
@@ -22,6 +21,7 @@ from visiontune.data.images import (
     is_image_file,
     load_image,
 )
+from visiontune.data.samples import DatasetSplit, Sample
 from visiontune.data.transforms import (
     AUGMENTATIONS,
     build_batch_mixer,
@@ -29,6 +29,7 @@ from visiontune.data.transforms import (
     build_transforms,
     is_deterministic,
 )
+from visiontune.memory import available_memory_bytes  # re-exported: it lived here before memory.py
 
 __all__ = [
     "AUGMENTATIONS",

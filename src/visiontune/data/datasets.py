@@ -8,42 +8,22 @@ classifier stops here with a :class:`~visiontune.errors.DataError` that names th
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch.utils.data
 
 from visiontune.data.images import IMAGE_EXTENSIONS, RGB, is_image_file, load_image
-from visiontune.errors import ConfigError, DataError
+from visiontune.data.manifest import read_manifest, read_manifest_rows
+from visiontune.data.samples import DatasetSplit, Sample, relative_posix, resolve_val_split, stratified_split
+from visiontune.errors import DataError
 
 logger = logging.getLogger(__name__)
 
 TRAIN_DIR = "train"
 VAL_DIRS = ("val", "valid", "validation")
-DEFAULT_VAL_SPLIT = 0.2
 _IGNORED_DIRS = frozenset({"__MACOSX"})  # macOS zip leftovers, never a class
 _EXTENSIONS_HINT = ", ".join(sorted(IMAGE_EXTENSIONS))
-
-
-@dataclass
-class Sample:
-    """One labelled image: its file and the index of its class in ``DatasetSplit.classes``."""
-
-    path: Path
-    label: int
-
-
-@dataclass
-class DatasetSplit:
-    """The classes and the train/val samples of a dataset, and how they were found."""
-
-    classes: list[str]
-    train: list[Sample]
-    val: list[Sample]
-    source: str  # "folders" (train/ + val/), "split" (one tree split by val_split) or "csv"
-    split_info: dict = field(default_factory=dict)  # JSON-safe record of how val was chosen
 
 
 def discover(data: str | Path, val_split: float | None = None, seed: int = 0) -> DatasetSplit:
@@ -61,9 +41,6 @@ def discover(data: str | Path, val_split: float | None = None, seed: int = 0) ->
     if root.is_file():
         if root.suffix.lower() != ".csv":
             raise DataError(f"--data {root} is a file but not a .csv manifest; give a folder of class sub-folders or a CSV 'path,label'")
-        # Imported here because manifest.py builds on this module's Sample and split helpers.
-        from visiontune.data.manifest import read_manifest  # noqa: PLC0415
-
         return read_manifest(root, val_split, seed)
     train_dir, val_dir = root / TRAIN_DIR, _find_val_dir(root)
     if train_dir.is_dir() and val_dir is not None:
@@ -85,8 +62,6 @@ def scan_labelled(data: str | Path, classes: list[str]) -> list[Sample]:
     ``classes``; a folder or label not in ``classes`` raises DataError."""
     root = _existing_path(data)
     if root.is_file():
-        from visiontune.data.manifest import read_manifest_rows  # noqa: PLC0415
-
         return read_manifest_rows(root, classes)
     val_dir = _find_val_dir(root)
     if val_dir is not None and val_dir.name not in classes:
@@ -201,51 +176,12 @@ def _from_single_tree(root: Path, tree: Path, val_split: float | None, seed: int
     )
 
 
-def resolve_val_split(val_split: float | None) -> float:
-    value = DEFAULT_VAL_SPLIT if val_split is None else float(val_split)
-    if not 0.0 < value < 1.0:
-        raise ConfigError(f"val_split must be between 0 and 1 (exclusive), got {val_split!r}; 0.2 keeps a fifth for validation")
-    return value
-
-
-def stratified_split(
-    labelled: dict[int, list[Path]], classes: list[str], val_split: float | None, seed: int, where: Path
-) -> tuple[list[Sample], list[Sample]]:
-    """Split each class's (sorted) paths: ``round(n * val_split)`` to val, at least one on each side.
-
-    Each class is shuffled by its own ``random.Random(f"{seed}/{class name}")``, so a class's
-    split depends only on the seed, its name and its files, not on other classes."""
-    fraction = resolve_val_split(val_split)
-    train, val = [], []
-    for label in sorted(labelled):
-        paths = sorted(labelled[label])
-        if len(paths) < 2:
-            raise DataError(
-                f"class {classes[label]!r} in {where} has only {len(paths)} image(s); a train/val split needs "
-                "at least 2 per class (add images or provide a val/ folder)"
-            )
-        shuffled = paths[:]
-        random.Random(f"{seed}/{classes[label]}").shuffle(shuffled)
-        num_val = min(len(paths) - 1, max(1, round(len(paths) * fraction)))
-        chosen = set(shuffled[:num_val])
-        train += [Sample(p, label) for p in paths if p not in chosen]
-        val += [Sample(p, label) for p in paths if p in chosen]
-    return train, val
-
-
 def _split_record(val_split: float | None, seed: int, val: list[Sample], root: Path) -> dict:
     return {
         "val_split": resolve_val_split(val_split),
         "seed": seed,
         "val_files": [relative_posix(sample.path, root) for sample in val],
     }
-
-
-def relative_posix(path: Path, root: Path) -> str:
-    try:
-        return path.relative_to(root).as_posix()
-    except ValueError:  # a manifest may name files outside its folder
-        return path.as_posix()
 
 
 class ImageDataset(torch.utils.data.Dataset):

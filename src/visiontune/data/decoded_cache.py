@@ -18,7 +18,6 @@ the far ends of wide images: a documented trade-off for bounded, stackable memor
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -28,14 +27,13 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from visiontune.data.datasets import Sample
 from visiontune.data.images import RGB, BadImageError, check_bad_image_policy, load_image, map_in_threads
+from visiontune.data.samples import Sample
 from visiontune.data.transforms import interpolation_mode
 from visiontune.errors import ConfigError
+from visiontune.memory import MemoryBudget
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_MEMORY_FRACTION = 0.25  # of the RAM available now; the rest is for the model, activations and workers
 
 
 @dataclass
@@ -53,26 +51,12 @@ def decoded_bytes(num_images: int, size: int) -> int:
     return num_images * 3 * size * size
 
 
-def available_memory_bytes() -> int:
-    """RAM available to new allocations now (Linux ``MemAvailable``, else free pages; 0 if unknown)."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024  # the file counts kibibytes
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 0
-
-
-def fits_in_memory(num_images: int, size: int, fraction: float = DEFAULT_MEMORY_FRACTION) -> bool:
-    """Whether the decoded images would take at most ``fraction`` of the available RAM."""
-    needed, budget = decoded_bytes(num_images, size), int(available_memory_bytes() * fraction)
-    logger.debug("decoded images need %.1f MiB, budget %.1f MiB", needed / 2**20, budget / 2**20)
-    return needed <= budget
+def fits_in_memory(num_images: int, size: int, budget: MemoryBudget | None = None) -> bool:
+    """Whether ``num_images`` decoded squares of side ``size`` fit in what is left of ``budget``
+    (default: a budget of its own, :data:`~visiontune.memory.MEMORY_FRACTION` of the available RAM).
+    Only checks; the caller claims the bytes when it decodes."""
+    budget = budget if budget is not None else MemoryBudget.from_available()
+    return budget.fits(decoded_bytes(num_images, size))
 
 
 def decode_to_uint8(

@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from visiontune.data.datasets import DatasetSplit, Sample, relative_posix, resolve_val_split, stratified_split
+from visiontune.data.samples import DatasetSplit, Sample, relative_posix, resolve_val_split, stratified_split
 from visiontune.errors import DataError
 
 logger = logging.getLogger(__name__)

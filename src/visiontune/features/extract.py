@@ -43,6 +43,7 @@ from visiontune.features.store import (
     load_cached_features,
     publish_entry,
 )
+from visiontune.memory import MemoryBudget
 
 log = logging.getLogger(__name__)
 
@@ -212,14 +213,16 @@ def build_feature_cache(
     cache_dir: str | Path | None = None,
     store: str = "auto",
     seed: int = 0,
+    memory_budget: MemoryBudget | None = None,
 ) -> CachedFeatures:
     """Run ``model`` over ``dataset`` ``views`` times (in eval mode, in order) and keep the head's input.
 
     ``key`` (from :func:`feature_cache_key`) names the disk entry: a hit is read instead of running
     the model; without a key nothing touches the disk. ``store``: ``auto`` keeps the features in
-    memory when they fit :data:`MEMORY_FRACTION` of the available RAM, else on disk. View ``v`` is
-    computed under torch seed ``seed + v``, so the augmented copies are reproducible. Raises
-    HeadNotReproducible (before any long work) when the model fails the head check."""
+    memory when they fit in what is left of ``memory_budget`` (the run's, shared with its decoded
+    images; default: :data:`~visiontune.memory.MEMORY_FRACTION` of the available RAM), else on
+    disk. View ``v`` is computed under torch seed ``seed + v``, so the augmented copies are
+    reproducible. Raises HeadNotReproducible (before any long work) when the model fails the head check."""
     if store not in STORES:
         raise ValueError(f"store must be one of {STORES}, got {store!r}")
     if store == "disk" and key is None:
@@ -233,13 +236,15 @@ def build_feature_cache(
     model.eval()  # dropout and stochastic depth off: the backbone is a fixed function
     try:
         with capture_head_input(model) as captured:
-            return _extract(model, dataset, captured, views, batch_size, num_workers, device, entry, store, seed)
+            return _extract(model, dataset, captured, views, batch_size, num_workers, device, entry, store, seed,
+                            memory_budget)
     finally:
         for module, mode in was_training.items():
             module.training = mode
 
 
-def _extract(model, dataset, captured, views, batch_size, num_workers, device, entry, store, seed) -> CachedFeatures:
+def _extract(model, dataset, captured, views, batch_size, num_workers, device, entry, store, seed,
+             memory_budget) -> CachedFeatures:
     features = None  # allocated once the first batch shows the feature shape
     labels = torch.empty(len(dataset), dtype=torch.int64)
     staging = None
@@ -252,7 +257,8 @@ def _extract(model, dataset, captured, views, batch_size, num_workers, device, e
             if features is None:
                 check_head_reproduces_output(model, captured["features"], output)
                 feature_shape = tuple(batch_features.shape[1:])
-                features, staging = allocate_features(views, len(dataset), feature_shape, entry, store)
+                features, staging = allocate_features(views, len(dataset), feature_shape, entry, store,
+                                                      memory_budget)
             features[view, start:start + len(targets)] = batch_features.numpy() if staging else batch_features
             labels[start:start + len(targets)] = torch.as_tensor(targets)
             start += len(targets)

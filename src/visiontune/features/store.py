@@ -21,11 +21,12 @@ import numpy as np
 import torch
 import torch.utils.data
 
+from visiontune.memory import MemoryBudget
+
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "VISIONTUNE_CACHE"
 DEFAULT_CACHE_DIR = Path("~/.cache/visiontune")
-MEMORY_FRACTION = 0.25  # of the RAM available now: the rest is for decoded images, the model and workers
 CACHE_FORMAT_VERSION = 1  # bump when the on-disk layout changes, so old entries are not read
 
 
@@ -50,6 +51,11 @@ class CachedFeatures:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    @property
+    def memory_bytes(self) -> int:
+        """RAM the features hold (0 when memory-mapped from disk: the page cache may drop them)."""
+        return self.features.numel() * self.features.element_size() if isinstance(self.features, torch.Tensor) else 0
+
     def dataset(self, epoch: int = 0) -> torch.utils.data.Dataset:
         """``(features, label)`` pairs of the view that ``epoch`` trains on (``epoch % views``)."""
         view = epoch % self.views
@@ -71,18 +77,21 @@ class _MappedFeatures(torch.utils.data.Dataset):
         return torch.from_numpy(np.array(self.features[self.view, index])), self.labels[index]
 
 
-def allocate_features(views: int, count: int, feature_shape: tuple, entry: Path | None, store: str):
+def allocate_features(views: int, count: int, feature_shape: tuple, entry: Path | None, store: str,
+                      budget: MemoryBudget | None = None):
     """A (views, count, *feature_shape) float32 buffer: a tensor in memory, or a .npy memory map
-    in a staging folder beside ``entry``; returns ``(buffer, staging folder or None)``."""
-    from visiontune.data.decoded_cache import available_memory_bytes
+    in a staging folder beside ``entry``; returns ``(buffer, staging folder or None)``.
 
+    ``store="auto"`` keeps the features in memory when they fit in what is left of ``budget`` (the
+    run's, shared with the decoded images; default: a budget of their own), and claims them there."""
     shape = (views, count, *feature_shape)
-    needed = int(np.prod(shape)) * 4
-    budget = int(available_memory_bytes() * MEMORY_FRACTION)
-    if store == "memory" or (store == "auto" and (needed <= budget or entry is None)):
-        if store == "auto" and needed > budget:
-            log.warning("features need %.0f MiB, over the %.0f MiB budget, but without a key they stay in memory",
-                        needed / 2**20, budget / 2**20)
+    needed = int(np.prod(shape)) * 4  # float32
+    budget = budget if budget is not None else MemoryBudget.from_available()
+    if store == "auto" and budget.claim(needed, "cached features"):
+        return torch.empty(shape, dtype=torch.float32), None
+    if store == "memory" or (store == "auto" and entry is None):
+        # Asked for memory, or no key to name a disk entry: memory it is, counted against the budget.
+        budget.force(needed, "cached features" if store == "memory" else "cached features (no key for a disk entry)")
         return torch.empty(shape, dtype=torch.float32), None
     entry.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=entry.parent))

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from visiontune.checkpoint.suffixes import WEIGHT_SUFFIXES
 from visiontune.errors import ModelError
 from visiontune.model.heads import replace_head
 from visiontune.model.preprocessing import Preprocessing
@@ -28,7 +29,6 @@ __all__ = ["ModelInfo", "create_model", "list_models", "resolve_preprocessing"]
 
 # torchvision's googlenet / inception_v3 warn unless told which init to use; this is their default.
 _EXPLICIT_INIT = ("googlenet", "inception_v3")
-CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
 # Modules and exception types whose errors mean "the weights could not be fetched".
 _NETWORK_MODULES = ("urllib", "http", "socket", "ssl", "requests", "urllib3", "httpx", "httpcore", "huggingface_hub")
 
@@ -77,12 +77,12 @@ def _local_path(weights) -> Path | None:
         raise ModelError(f"weights must be None, a weights name such as 'DEFAULT', or a file path, got {weights!r}")
     text = os.fspath(weights)
     looks_like_file = (isinstance(weights, os.PathLike) or "/" in text or os.sep in text
-                       or Path(text).suffix in CHECKPOINT_SUFFIXES or Path(text).is_file())
+                       or Path(text).suffix in WEIGHT_SUFFIXES or Path(text).is_file())
     if not looks_like_file:
         return None
     path = Path(text).expanduser()
     if not path.is_file():
-        raise ModelError(f"weights file {str(path)!r} does not exist; pass an existing {'/'.join(CHECKPOINT_SUFFIXES)} file")
+        raise ModelError(f"weights file {str(path)!r} does not exist; pass an existing {'/'.join(WEIGHT_SUFFIXES)} file")
     return path
 
 

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from visiontune.errors import VisiontuneError
+from visiontune.model.outputs import main_logits
 
 log = logging.getLogger(__name__)
 
@@ -111,16 +112,6 @@ class LogitsOnly(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return main_logits(self.model(images))
-
-
-def main_logits(outputs) -> torch.Tensor:
-    if isinstance(outputs, torch.Tensor):
-        return outputs
-    if hasattr(outputs, "logits"):
-        return outputs.logits
-    if isinstance(outputs, (tuple, list)) and outputs and isinstance(outputs[0], torch.Tensor):
-        return outputs[0]
-    raise TypeError(f"cannot find the logits in a model output of type {type(outputs).__name__}")
 
 
 def prepare_for_export(model: nn.Module, example: torch.Tensor) -> nn.Module:

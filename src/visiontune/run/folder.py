@@ -8,7 +8,7 @@
 phase, RNG states, config, history) and loads with ``torch.load(weights_only=True)``: it holds
 only tensors and plain Python values, no numpy arrays or pickled objects.
 
-Only the main process writes (:func:`visiontune.device.is_main_process`), so distributed
+Only the main process writes (:func:`visiontune.distributed.is_main_process`), so distributed
 training can call the same functions from every rank.
 """
 
@@ -30,9 +30,11 @@ import torch
 from torch import nn
 
 from visiontune.config import TrainConfig, read_config, save_config
-from visiontune.device import is_main_process
+from visiontune.device import DEVICES, resolve_device
+from visiontune.distributed import is_main_process
 from visiontune.errors import CheckpointError, ConfigError
 from visiontune.model.preprocessing import Preprocessing
+from visiontune.run.inference import predict_images
 
 log = logging.getLogger(__name__)
 
@@ -226,19 +228,24 @@ class LoadedRun:
 
     def predict(self, paths, top_k: int = 5):
         """Classify image files: ``(predictions, skipped)`` as :func:`visiontune.run.inference.predict_images`."""
-        from visiontune.run.inference import predict_images  # predict builds on this module
-
         return predict_images(self, [paths] if isinstance(paths, (str, Path)) else paths, top_k=top_k)
 
 
 def load_run(run_dir: str | Path, checkpoint: str = "best", device: str | torch.device = "cpu") -> LoadedRun:
     """Rebuild the run's model and load ``best.safetensors`` (``checkpoint="best"``) or the model
-    in ``last.ckpt`` (``"last"``)."""
-    run_dir = Path(run_dir)
-    if not (run_dir / CONFIG_FILE).is_file():
-        raise ConfigError(f"{run_dir} is not a visiontune run folder (no {CONFIG_FILE}); give the --out of a training run")
+    in ``last.ckpt`` (``"last"``), on ``device`` (``"auto"``, ``"cpu"``, ``"cuda"`` or a torch device).
+
+    A folder that does not exist, or is not a run folder, is a ConfigError that says which."""
+    run_dir = Path(run_dir).expanduser()
+    if not run_dir.exists():
+        raise ConfigError(f"run folder {run_dir} does not exist; give the folder that 'visiontune train --out' wrote")
+    if not run_dir.is_dir() or not (run_dir / CONFIG_FILE).is_file():
+        raise ConfigError(f"{run_dir} is not a visiontune run folder (it has no {CONFIG_FILE}); "
+                          "give the folder that 'visiontune train --out' wrote")
     if checkpoint not in ("best", "last"):
         raise ConfigError(f"checkpoint must be 'best' or 'last', got {checkpoint!r}")
+    # "auto"/"cpu"/"cuda" are checked (no GPU is a ConfigError); "cuda:1" or a torch.device is used as given
+    device = resolve_device(device) if device in DEVICES else torch.device(device)
     config = read_config(run_dir / CONFIG_FILE)
     classes = json.loads((run_dir / CLASSES_FILE).read_text())
     preprocessing = Preprocessing.from_dict(json.loads((run_dir / PREPROCESSING_FILE).read_text()))

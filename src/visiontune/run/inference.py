@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from visiontune.errors import DataError
 from visiontune.metrics import ClassificationMetrics
+from visiontune.model.outputs import main_logits
 
 log = logging.getLogger(__name__)
 
@@ -140,11 +141,7 @@ def _image_batches(
 
 @torch.inference_mode()
 def _logits(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-    output = model(images)
-    if isinstance(output, torch.Tensor):
-        return output
-    # googlenet / inception_v3 return a namedtuple with .logits in train mode
-    return getattr(output, "logits", output[0])
+    return main_logits(model(images))
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
@@ -159,23 +156,3 @@ def _evaluated_root(data: str | Path, classes: Sequence[str]) -> str:
     root = Path(data).expanduser().absolute()
     val_dir = next((root / name for name in VAL_DIRS if (root / name).is_dir()), None)
     return str(val_dir if val_dir is not None and val_dir.name not in classes else root)
-
-
-RUN_MARKER = "config.yaml"  # every run folder has it (visiontune.run.folder.CONFIG_FILE)
-
-
-def open_run(run_dir: str | Path, checkpoint: str = "best", device: str = "auto"):
-    """``load_run`` with a clear message when ``run_dir`` is missing or is not a run folder."""
-    from visiontune.device import resolve_device
-    from visiontune.errors import ConfigError
-    from visiontune.run.folder import load_run
-
-    path = Path(run_dir).expanduser()
-    if not path.exists():
-        raise ConfigError(f"run folder {path} does not exist; give --run the folder that 'visiontune train --out' wrote")
-    if not path.is_dir() or not (path / RUN_MARKER).is_file():
-        raise ConfigError(
-            f"{path} is not a visiontune run folder (it has no {RUN_MARKER}); "
-            "give --run the folder that 'visiontune train --out' wrote"
-        )
-    return load_run(path, checkpoint=checkpoint, device=str(resolve_device(device)))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from visiontune.device import is_main_process
+from visiontune.distributed import is_main_process
 from visiontune.training.loops import evaluate
 from visiontune.run.plots import plot_confusion, plot_curves
 from visiontune.run.report_html import write_report

@@ -18,6 +18,7 @@ from torch import nn
 from visiontune import distributed
 from visiontune.device import Precision, autocast
 from visiontune.errors import VisiontuneError
+from visiontune.model.outputs import main_logits
 from visiontune.training.schedule import Schedule, set_learning_rates
 
 # torchvision's weights for the auxiliary classifiers' losses (GoogLeNet has two, Inception v3 one).
@@ -50,11 +51,6 @@ class EpochStats:
     @property
     def images_per_second(self) -> float:
         return self.images / self.seconds if self.seconds > 0 else 0.0
-
-
-def main_logits(outputs) -> torch.Tensor:
-    """The classifier's logits, also from GoogLeNet/Inception's train-mode namedtuples."""
-    return outputs if isinstance(outputs, torch.Tensor) else outputs.logits
 
 
 def compute_loss(outputs, targets: torch.Tensor, loss_fn: Callable) -> torch.Tensor:

@@ -66,17 +66,25 @@ class PhaseInputs:
         self._phase_index: int | None = None
         self._cached: EpochInputs | None = None
         self._train_view: _EpochView | None = None
+        self._cached_bytes = 0  # RAM the cached features claimed from setup.memory_budget
 
     def for_epoch(self, phase_index: int, epoch: int) -> EpochInputs:
         """The model and loaders of ``epoch`` (in phase ``phase_index``), sampler set to the epoch."""
         if phase_index != self._phase_index:
             self._phase_index = phase_index
+            self._release_cache()
             self._cached = self._prepare(phase_index)
         inputs = self._cached or EpochInputs(self.setup.model, self.setup.train_loader, self.setup.val_loader)
         if self._cached is not None:
             self._train_view.set_epoch(epoch)
         inputs.train_loader.sampler.set_epoch(epoch)
         return inputs
+
+    def _release_cache(self) -> None:
+        """Drop the last phase's cached features and give their RAM back to the run's budget."""
+        if self._cached is not None:
+            self.setup.memory_budget.release(self._cached_bytes)
+        self._cached, self._train_view, self._cached_bytes = None, None, 0
 
     def _prepare(self, phase_index: int) -> EpochInputs | None:
         phase = self.setup.phases[phase_index]
@@ -115,6 +123,7 @@ class PhaseInputs:
         store = getattr(setup.config, "feature_cache", "auto")
         train_cache = self._cache(_image_dataset(setup.train_loader), plan.views, store)
         val_cache = self._cache(setup.val_loader.dataset, 1, store)
+        self._cached_bytes = train_cache.memory_bytes + val_cache.memory_bytes
         self._train_view = _EpochView(train_cache)
         train = setup.train_loader
         # The image loader's own sampler: the same seeded order; features need no worker processes.
@@ -136,7 +145,9 @@ class PhaseInputs:
             device=setup.device, store="memory", seed=setup.config.seed)
         features = torch.stack([distributed.all_gather_shards(torch.as_tensor(local.features[view]), len(dataset))
                                 for view in range(views)])
-        return CachedFeatures(features, distributed.all_gather_shards(local.labels, len(dataset)), "memory")
+        gathered = CachedFeatures(features, distributed.all_gather_shards(local.labels, len(dataset)), "memory")
+        setup.memory_budget.force(gathered.memory_bytes, "gathered cached features")  # the shard is freed on return
+        return gathered
 
     def _cache(self, dataset, views: int, store: str) -> CachedFeatures:
         """Features of ``dataset``; a disk entry is keyed by its files when it reads files."""
@@ -154,7 +165,7 @@ class PhaseInputs:
             # to start than they save. Files still need decoding, in the configured workers.
             num_workers=setup.train_loader.num_workers if samples is not None else 0, device=setup.device, key=key,
             store=store if store in ("memory", "disk") and (key or store == "memory") else "auto",
-            seed=setup.config.seed)
+            seed=setup.config.seed, memory_budget=setup.memory_budget)
 
 
 def _image_dataset(loader: DataLoader):

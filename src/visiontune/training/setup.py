@@ -24,9 +24,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from visiontune import distributed
+from visiontune.checkpoint.suffixes import has_weight_suffix
 from visiontune.config import TrainConfig
 from visiontune.device import (Precision, configure_threads, default_workers, prefers_channels_last, resolve_device,
                                resolve_precision)
+from visiontune.memory import MemoryBudget
 from visiontune.model.preprocessing import Preprocessing
 from visiontune.training.strategies import Phase, apply_phase, build_optimizer, plan_phases
 
@@ -54,6 +56,8 @@ class TrainingSetup:
     split_info: dict = field(default_factory=dict)
     load_report: dict | None = None  # what loading a weights file did (None for built-in weights)
     num_train_images: int = 0
+    # RAM the run's caches share: the decoded images claim theirs here, the feature cache what is left
+    memory_budget: MemoryBudget = field(default_factory=MemoryBudget.from_available)
 
 
 class EpochSampler(Sampler):
@@ -115,7 +119,8 @@ def build_training(config: TrainConfig) -> TrainingSetup:
     device = distributed.device_for_rank(resolve_device(config.device))  # cuda:LOCAL_RANK under torchrun
     precision = resolve_precision(device, config.precision)
     configure_threads(device)
-    split, train_set, val_set, val_samples, bad, preprocessing = _build_datasets(config, build_transforms)
+    memory_budget = MemoryBudget.from_available()  # measured once, before anything of the run is in memory
+    split, train_set, val_set, val_samples, bad, preprocessing = _build_datasets(config, build_transforms, memory_budget)
     model, load_report = build_model(config, len(split.classes))
     model.to(device)
     if config.sync_bn:
@@ -148,6 +153,7 @@ def build_training(config: TrainConfig) -> TrainingSetup:
                     **split.split_info},
         load_report=load_report,
         num_train_images=len(train_set),
+        memory_budget=memory_budget,
     )
 
 
@@ -164,8 +170,7 @@ def _builtin_weights(weights: str) -> str | None:
 
 
 def is_weights_file(weights: str) -> bool:
-    return Path(weights).expanduser().exists() or any(
-        weights.endswith(suffix) for suffix in (".safetensors", ".pth", ".pt", ".ckpt", ".bin"))
+    return Path(weights).expanduser().exists() or has_weight_suffix(weights)
 
 
 def build_model(config: TrainConfig, num_classes: int) -> tuple[nn.Module, dict | None]:
@@ -197,14 +202,16 @@ def build_loss(config: TrainConfig, train_targets: list[int], num_classes: int) 
     return nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing)
 
 
-def _build_datasets(config: TrainConfig, build_transforms):
-    from visiontune.data import ImageDataset, InMemoryDataset, check_images, decode_to_uint8, discover, fits_in_memory
+def _build_datasets(config: TrainConfig, build_transforms, memory_budget: MemoryBudget):
+    from visiontune.data import (ImageDataset, InMemoryDataset, check_images, decode_to_uint8, decoded_bytes, discover,
+                                 fits_in_memory)
 
     split = discover(config.data, val_split=config.val_split, seed=config.seed)
     preprocessing = resolve_run_preprocessing(config)
     train_transform, eval_transform = build_transforms(preprocessing, config.augment)
     total = len(split.train) + len(split.val)
-    if fits_in_memory(total, preprocessing.resize_size):
+    if fits_in_memory(total, preprocessing.resize_size, memory_budget):
+        memory_budget.claim(decoded_bytes(total, preprocessing.resize_size), "decoded images")
         # Decode once: every epoch after the first would otherwise decode and resize every file again.
         def decoded(samples):
             return decode_to_uint8(samples, preprocessing.resize_size, crop_size=preprocessing.crop_size,
