@@ -3,8 +3,9 @@
 A frozen backbone (BatchNorm in eval mode, no trainable parameter before the head) maps an image
 to the same features every epoch, so ``linear-probe`` and the first phase of ``gradual`` can compute
 them once and train the head on them: the epochs cost almost nothing. The head's input is captured
-with a forward pre-hook on the head the model's :class:`~visiontune.model.anatomy.Anatomy` names
-(the training set-up passes its own; without one it is found here), and each model is checked once: ``head(features)`` must reproduce ``model(images)``. Models whose output goes through
+with a forward pre-hook on the head that the model's :class:`~visiontune.model.anatomy.Anatomy`
+names (the training set-up passes its own; without one it is found here), and each model is
+checked once: ``head(features)`` must reproduce ``model(images)``. Models whose output goes through
 more operations after the head (squeezenet's ReLU and pooling after its conv classifier) fail that
 check and train the normal way.
 
@@ -243,7 +244,8 @@ def build_feature_cache(
             module.training = mode
 
 
-def _extract(model, anatomy, dataset, captured, views, batch_size, num_workers, device, entry, store, seed) -> CachedFeatures:
+def _extract(model, anatomy, dataset, captured, views, batch_size, num_workers, device, entry, store,
+             seed) -> CachedFeatures:
     features = None  # allocated once the first batch shows the feature shape
     labels = torch.empty(len(dataset), dtype=torch.int64)
     staging = None

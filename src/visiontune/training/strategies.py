@@ -89,7 +89,8 @@ def head_learning_rate(config: TrainConfig) -> float:
     return float(config.lr) * HEAD_LR_MULTIPLIER
 
 
-def layer_decay_for(model: nn.Module, phase: Phase, config: TrainConfig, anatomy: Anatomy | None = None) -> float | None:
+def layer_decay_for(model: nn.Module, phase: Phase, config: TrainConfig,
+                    anatomy: Anatomy | None = None) -> float | None:
     """``config.layer_decay``; for gradual's second phase without one, the decay that spreads the
     backbone from ``lr`` (last group) down to ``lr * GRADUAL_LOWEST_LR_RATIO`` (first group)."""
     if config.layer_decay is not None or config.strategy != "gradual" or phase.train != "all":
