@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from visiontune.checkpoint import load_weights
 from visiontune.errors import ModelError
 from visiontune.model.heads import replace_head
 from visiontune.model.preprocessing import Preprocessing
@@ -87,8 +88,6 @@ def _local_path(weights) -> Path | None:
 
 
 def _load_local(model: nn.Module, path: Path) -> None:
-    from visiontune.checkpoint import load_weights
-
     load_weights(model, path, match="auto")  # logs its own report of what was loaded
 
 
