@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import torchvision
 
 from visiontune.errors import ModelError
+from visiontune.model.anatomy import anatomy_of
 from visiontune.model.freeze import freeze, group_of, layer_groups, owns
 from visiontune.model.heads import find_head, head_names
 from visiontune.model.create import create_model, list_models, resolve_preprocessing
@@ -97,7 +98,7 @@ def test_every_torchvision_model_gets_a_new_head_and_trains_only_it(name):
     head_name, head = find_head(model)
     assert head_name == torchvision_head_name(name)  # the listing's table is right
     assert getattr(head, "out_features", getattr(head, "out_channels", None)) == NUM_CLASSES
-    assert model.visiontune_name == name
+    assert not hasattr(model, "visiontune_name")  # the name travels in the anatomy, not on the module
     groups = layer_groups(model)
     assert groups[-1].name == "head" and len(groups) >= 4
     assert all(group_of(groups, n) >= 0 for n, _ in model.named_parameters())
@@ -119,7 +120,7 @@ def test_timm_models_get_a_new_head_and_train_only_it(name):
     torch.manual_seed(0)
     model = create_model(name, NUM_CLASSES, **kwargs)
     assert model.get_classifier() is find_head(model)[1] or name.endswith("distilled_patch16_224")
-    assert model.visiontune_name == name and model.num_classes == NUM_CLASSES
+    assert model.num_classes == NUM_CLASSES
     check_fine_tunes_only_head(model, size)
 
 
@@ -232,11 +233,11 @@ def test_in_chans_adapts_loaded_weights_of_timm_and_vit(tmp_path):
     assert vit.conv_proj.in_channels == 1 and vit.eval()(torch.randn(1, 1, 32, 32)).shape == (1, NUM_CLASSES)
 
 
-def test_model_is_picklable_and_keeps_its_name():
+def test_model_is_picklable_and_keeps_its_anatomy():
     model = create_model("mobilenet_v3_small", NUM_CLASSES)
     freeze(model, "head")
     copy = pickle.loads(pickle.dumps(model))
-    assert copy.visiontune_name == "mobilenet_v3_small"
+    assert anatomy_of(copy, "mobilenet_v3_small") == anatomy_of(model, "mobilenet_v3_small")
     assert copy.state_dict().keys() == model.state_dict().keys()
 
 

@@ -3,7 +3,8 @@
 A frozen backbone (BatchNorm in eval mode, no trainable parameter before the head) maps an image
 to the same features every epoch, so ``linear-probe`` and the first phase of ``gradual`` can compute
 them once and train the head on them: the epochs cost almost nothing. The head's input is captured
-with a forward pre-hook on the module :func:`visiontune.model.heads.find_head` names, and each model is
+with a forward pre-hook on the head that the model's :class:`~visiontune.model.anatomy.Anatomy`
+names (the training set-up passes its own; without one it is found here), and each model is
 checked once: ``head(features)`` must reproduce ``model(images)``. Models whose output goes through
 more operations after the head (squeezenet's ReLU and pooling after its conv classifier) fail that
 check and train the normal way.
@@ -44,6 +45,8 @@ from visiontune.features.store import (
     publish_entry,
 )
 from visiontune.memory import MemoryBudget
+from visiontune.model.anatomy import Anatomy, anatomy_of
+from visiontune.model.freeze import set_train_mode as loop_train_mode
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +83,8 @@ def plan_feature_cache(
     deterministic_transform: bool,
     views: int = 0,
     batch_mixing: bool = False,
-    set_train_mode: Callable[[nn.Module], None] | None = None,
+    set_train_mode: Callable[[nn.Module], None] = loop_train_mode,
+    anatomy: Anatomy | None = None,
 ) -> CachePlan:
     """Can the head train on cached features? Call after freezing for the phase.
 
@@ -88,11 +92,11 @@ def plan_feature_cache(
     (:func:`visiontune.data.is_deterministic`); ``views``: augmented copies per image to cache when
     it is random (0: train uncached); ``batch_mixing``: mixup/cutmix are on (they mix images, not
     features, so they rule the cache out); ``set_train_mode``: how the training loop puts the model
-    in training mode (default :func:`visiontune.training.loops.set_train_mode`, which keeps frozen
-    BatchNorm in eval mode), to see which layers would behave differently while training."""
-    from visiontune.model.heads import find_head
-
-    head_name, head = find_head(model)
+    in training mode (default :func:`visiontune.model.freeze.set_train_mode`, which keeps frozen
+    BatchNorm in eval mode), to see which layers would behave differently while training;
+    ``anatomy``: the model's, when the caller has it."""
+    anatomy = anatomy or anatomy_of(model)
+    head_name, head = anatomy.head, anatomy.head_module(model)
     head_params = {id(p) for p in head.parameters()}
     outside = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in head_params]
     if outside:
@@ -115,8 +119,6 @@ def plan_feature_cache(
 
 def _backbone_batchnorm_in_training(model: nn.Module, head: nn.Module, set_train_mode) -> str | None:
     """The first BatchNorm outside the head that would normalise with batch statistics in training."""
-    if set_train_mode is None:
-        from visiontune.training.loops import set_train_mode
     was_training = {module: module.training for module in model.modules()}
     set_train_mode(model)
     try:
@@ -142,11 +144,10 @@ def _dropout_note(model: nn.Module, head: nn.Module) -> str:
 
 
 @contextlib.contextmanager
-def capture_head_input(model: nn.Module) -> Iterator[dict]:
+def capture_head_input(model: nn.Module, *, anatomy: Anatomy | None = None) -> Iterator[dict]:
     """While active, ``captured["features"]`` holds the input of the last head call of ``model``."""
-    from visiontune.model.heads import find_head
-
-    head_name, head = find_head(model)
+    anatomy = anatomy or anatomy_of(model)
+    head_name, head = anatomy.head, anatomy.head_module(model)
     captured: dict = {}
 
     def keep_input(module: nn.Module, args: tuple) -> None:
@@ -161,12 +162,12 @@ def capture_head_input(model: nn.Module) -> Iterator[dict]:
         handle.remove()
 
 
-def check_head_reproduces_output(model: nn.Module, features: torch.Tensor, output) -> None:
+def check_head_reproduces_output(model: nn.Module, features: torch.Tensor, output, *,
+                                 anatomy: Anatomy | None = None) -> None:
     """Raise HeadNotReproducible unless ``head(features)`` equals ``output``, the model's output
     whose head input was ``features``."""
-    from visiontune.model.heads import find_head
-
-    head_name, head = find_head(model)
+    anatomy = anatomy or anatomy_of(model)
+    head_name, head = anatomy.head, anatomy.head_module(model)
     if not isinstance(output, torch.Tensor):
         raise HeadNotReproducible(f"the model returns {type(output).__name__}, not one tensor of logits")
     with torch.no_grad():
@@ -177,19 +178,19 @@ def check_head_reproduces_output(model: nn.Module, features: torch.Tensor, outpu
 
 
 def feature_cache_key(model: nn.Module, samples: Iterable, *, transform_description: str, views: int,
-                      model_name: str | None = None) -> str:
+                      model_name: str | None = None, anatomy: Anatomy | None = None) -> str:
     """A hex digest of everything the cached features depend on.
 
     ``samples``: objects with ``.path`` and ``.label`` in dataset order (size and mtime are read
     here, so an edited or replaced file gives a new key); ``transform_description``: the training
-    transform's ``repr`` (it lists every step and parameter, including the normalisation)."""
-    from visiontune.model.heads import find_head
-
+    transform's ``repr`` (it lists every step and parameter, including the normalisation);
+    ``model_name``: recorded in the key (default: the anatomy's name)."""
+    anatomy = anatomy or anatomy_of(model)
     digest = hashlib.blake2b(digest_size=20)
-    name = model_name or getattr(model, "visiontune_name", type(model).__name__)
+    name = model_name or anatomy.name
     header = {"version": CACHE_FORMAT_VERSION, "model": name, "transform": transform_description, "views": views}
     digest.update(json.dumps(header, sort_keys=True).encode())
-    head_name, _ = find_head(model)
+    head_name = anatomy.head
     for key, tensor in model.state_dict().items():
         if key == head_name or key.startswith(head_name + "."):
             continue  # the head trains: its values must not change the key
@@ -214,6 +215,7 @@ def build_feature_cache(
     store: str = "auto",
     seed: int = 0,
     memory_budget: MemoryBudget | None = None,
+    anatomy: Anatomy | None = None,
 ) -> CachedFeatures:
     """Run ``model`` over ``dataset`` ``views`` times (in eval mode, in order) and keep the head's input.
 
@@ -222,7 +224,8 @@ def build_feature_cache(
     memory when they fit in what is left of ``memory_budget`` (the run's, shared with its decoded
     images; default: :data:`~visiontune.memory.MEMORY_FRACTION` of the available RAM), else on
     disk. View ``v`` is computed under torch seed ``seed + v``, so the augmented copies are
-    reproducible. Raises HeadNotReproducible (before any long work) when the model fails the head check."""
+    reproducible. Raises HeadNotReproducible (before any long work) when the model fails the head check.
+    ``anatomy``: the model's, when the caller has it."""
     if store not in STORES:
         raise ValueError(f"store must be one of {STORES}, got {store!r}")
     if store == "disk" and key is None:
@@ -232,18 +235,19 @@ def build_feature_cache(
         log.info("feature cache hit: %s", entry)
         return load_cached_features(entry)
     device = torch.device(device)
+    anatomy = anatomy or anatomy_of(model)
     was_training = {module: module.training for module in model.modules()}
     model.eval()  # dropout and stochastic depth off: the backbone is a fixed function
     try:
-        with capture_head_input(model) as captured:
-            return _extract(model, dataset, captured, views, batch_size, num_workers, device, entry, store, seed,
-                            memory_budget)
+        with capture_head_input(model, anatomy=anatomy) as captured:
+            return _extract(model, anatomy, dataset, captured, views, batch_size, num_workers, device, entry, store,
+                            seed, memory_budget)
     finally:
         for module, mode in was_training.items():
             module.training = mode
 
 
-def _extract(model, dataset, captured, views, batch_size, num_workers, device, entry, store, seed,
+def _extract(model, anatomy, dataset, captured, views, batch_size, num_workers, device, entry, store, seed,
              memory_budget) -> CachedFeatures:
     features = None  # allocated once the first batch shows the feature shape
     labels = torch.empty(len(dataset), dtype=torch.int64)
@@ -255,7 +259,7 @@ def _extract(model, dataset, captured, views, batch_size, num_workers, device, e
                 output = model(images.to(device, non_blocking=True))
             batch_features = captured["features"].float().cpu()
             if features is None:
-                check_head_reproduces_output(model, captured["features"], output)
+                check_head_reproduces_output(model, captured["features"], output, anatomy=anatomy)
                 feature_shape = tuple(batch_features.shape[1:])
                 features, staging = allocate_features(views, len(dataset), feature_shape, entry, store,
                                                       memory_budget)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from visiontune.checkpoint.suffixes import WEIGHT_SUFFIXES
+from visiontune.checkpoint import load_weights
 from visiontune.errors import ModelError
 from visiontune.model.heads import replace_head
 from visiontune.model.preprocessing import Preprocessing
@@ -44,7 +45,8 @@ def create_model(name: str, num_classes: int, weights: str | os.PathLike | None 
     (``image_size=`` for torchvision ViTs, ``drop_rate=`` for timm, ...).
 
     With ``in_chans != 3`` the first convolution's pretrained RGB kernels are summed (1 channel)
-    or repeated and rescaled (more). The returned model has ``model.visiontune_name == name``.
+    or repeated and rescaled (more). The model carries no note of ``name``: callers that need it
+    keep it themselves (the training set-up records it in the model's anatomy).
 
     Output in train mode: torchvision ``googlenet`` and ``inception_v3`` (built with their
     auxiliary heads) return a namedtuple ``(logits, aux_logits2, aux_logits1)`` /
@@ -64,7 +66,6 @@ def create_model(name: str, num_classes: int, weights: str | os.PathLike | None 
     if in_chans != 3 and (spec.source == "torchvision" or path is not None):
         adapt_first_conv(model, in_chans)
     replace_head(model, num_classes)
-    model.visiontune_name = name
     logger.debug("built %s (weights=%s, in_chans=%d) with a new %d-class head", name, weights, in_chans, num_classes)
     return model
 
@@ -87,8 +88,6 @@ def _local_path(weights) -> Path | None:
 
 
 def _load_local(model: nn.Module, path: Path) -> None:
-    from visiontune.checkpoint import load_weights
-
     load_weights(model, path, match="auto")  # logs its own report of what was loaded
 
 

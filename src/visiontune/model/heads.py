@@ -40,15 +40,42 @@ def _timm_head_names(model: nn.Module) -> list[str] | None:
     return None
 
 
-def find_head(model: nn.Module) -> tuple[str, nn.Module]:
+def find_head(model: nn.Module, *, anatomy=None) -> tuple[str, nn.Module]:
     """Return ``(qualified_name, module)`` of the model's main classification head.
 
-    Raises ModelError when the model has no linear / 1x1-conv layer, or when its last two such
-    layers are interchangeable siblings (two heads side by side: which one is the classifier?).
+    ``anatomy``: the model's :class:`~visiontune.model.anatomy.Anatomy`, when the caller has it
+    (then nothing is searched). Raises ModelError when the model has no linear / 1x1-conv layer,
+    or when its last two such layers are interchangeable siblings (two heads side by side: which
+    one is the classifier?).
     """
+    name = anatomy.head if anatomy is not None else locate_heads(model)[0]
+    return name, model.get_submodule(name)
+
+
+def head_names(model: nn.Module, *, anatomy=None) -> list[str]:
+    """Qualified names of the main head first, then the auxiliary heads; for freezing and
+    learning rates they all count as "head". ``anatomy``: as for :func:`find_head`."""
+    return list(anatomy.heads) if anatomy is not None else locate_heads(model)
+
+
+def locate_heads(model: nn.Module) -> list[str]:
+    """The head finder: the main head's qualified name, then the auxiliary heads' (one per
+    auxiliary branch, its last head-like layer). Everything that searches a model for its heads
+    comes through here; :func:`visiontune.model.anatomy.anatomy_of` keeps the answer."""
     timm_heads = _timm_head_names(model)
     if timm_heads:
-        return timm_heads[0], model.get_submodule(timm_heads[0])
+        return timm_heads
+    main = _main_head(model)
+    auxiliary = {}
+    for name, module in model.named_modules():
+        if _is_head_layer(module) and _is_auxiliary(name):
+            branch = next(i for i, part in enumerate(name.split(".")) if "aux" in part.lower())
+            auxiliary[".".join(name.split(".")[: branch + 1])] = name  # keeps the branch's last one
+    return [main] + list(auxiliary.values())
+
+
+def _main_head(model: nn.Module) -> str:
+    """The last linear / 1x1-conv leaf outside an auxiliary branch, unless it has a rival sibling."""
     leaves = [(n, m) for n, m in model.named_modules() if not any(True for _ in m.children())]
     candidates = [i for i, (n, m) in enumerate(leaves) if _is_head_layer(m) and not _is_auxiliary(n)]
     if not candidates:
@@ -58,7 +85,7 @@ def find_head(model: nn.Module) -> tuple[str, nn.Module]:
             "model so that its last layer is the classifier"
         )
     last = candidates[-1]
-    name, head = leaves[last]
+    name, _ = leaves[last]
     if len(candidates) > 1 and _are_parallel(leaves, candidates[-2], last):
         other = leaves[candidates[-2]][0]
         raise ModelError(
@@ -66,7 +93,7 @@ def find_head(model: nn.Module) -> tuple[str, nn.Module]:
             "layers with the same input width and either could be the classifier; replace the "
             "head yourself (model.<name> = nn.Linear(...)) and pass the model on"
         )
-    return name, head
+    return name
 
 
 def _is_auxiliary(qualified_name: str) -> bool:
@@ -91,21 +118,6 @@ def _are_parallel(leaves: list[tuple[str, nn.Module]], first: int, second: int) 
     return same_parent and adjacent and same_input
 
 
-def head_names(model: nn.Module) -> list[str]:
-    """Qualified names of the main head first, then the auxiliary heads; for freezing and
-    learning rates they all count as "head"."""
-    timm_heads = _timm_head_names(model)
-    if timm_heads:
-        return timm_heads
-    main, _ = find_head(model)
-    auxiliary = {}
-    for name, module in model.named_modules():
-        if _is_head_layer(module) and _is_auxiliary(name):
-            branch = next(i for i, part in enumerate(name.split(".")) if "aux" in part.lower())
-            auxiliary[".".join(name.split(".")[: branch + 1])] = name  # keeps the branch's last one
-    return [main] + list(auxiliary.values())
-
-
 def replace_head(model: nn.Module, num_classes: int, init: str = "kaiming") -> nn.Module:
     """Give ``model`` new, freshly initialised heads (main and auxiliary) with ``num_classes``
     outputs. Each new layer keeps the old one's input width, bias, device and dtype; nothing of the
@@ -113,7 +125,7 @@ def replace_head(model: nn.Module, num_classes: int, init: str = "kaiming") -> n
     scheme (a 1x1-conv head is initialised as the linear layer it is). Returns ``model``."""
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ModelError(f"num_classes must be a positive integer, got {num_classes!r}")
-    names = head_names(model)
+    names = locate_heads(model)
     if _timm_head_names(model):
         old = model.get_submodule(names[0]).weight
         model.reset_classifier(num_classes)  # timm knows its own head layouts (pooling, dist heads)

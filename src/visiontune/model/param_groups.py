@@ -15,7 +15,7 @@ import math
 from torch import nn
 
 from visiontune.errors import ConfigError
-from visiontune.model.freeze import NORM_TYPES, group_of, layer_groups
+from visiontune.model.anatomy import NORM_TYPES, Anatomy, anatomy_of, group_of
 
 # Parameter names (last component) of position embeddings and tokens: never decayed.
 EMBEDDING_NAMES = frozenset({
@@ -31,6 +31,8 @@ def param_groups(
     backbone_lr_mult: float | None = None,
     layer_decay: float | None = None,
     weight_decay: float = 0.0,
+    *,
+    anatomy: Anatomy | None = None,
 ) -> list[dict]:
     """Groups of the trainable parameters of ``model``, ready for ``torch.optim.X(groups)``.
 
@@ -40,9 +42,10 @@ def param_groups(
     Each dict has ``params``, ``lr``, ``weight_decay`` and a ``name`` ("head", "backbone",
     "group3", with ``_no_decay`` for the tensors exempt from weight decay). Frozen parameters
     are left out and every trainable parameter is in exactly one group; empty groups are dropped.
+    ``anatomy``: the model's :class:`~visiontune.model.anatomy.Anatomy`, when the caller has it.
     """
     _check(lr, head_lr, backbone_lr_mult, layer_decay, weight_decay)
-    groups = layer_groups(model)
+    groups = (anatomy or anatomy_of(model)).groups
     head_index = len(groups) - 1
     backbone_lr = lr * (1.0 if backbone_lr_mult is None else backbone_lr_mult)
     no_decay = _no_decay_names(model)

@@ -142,8 +142,8 @@ def _fresh_state(setup: TrainingSetup) -> dict:
 
 def _enter_phase(setup: TrainingSetup, phase_index: int) -> None:
     phase = setup.phases[phase_index]
-    apply_phase(setup.model, phase)
-    setup.optimizer = build_optimizer(setup.model, phase, setup.config)
+    apply_phase(setup.model, phase, setup.anatomy)
+    setup.optimizer = build_optimizer(setup.model, phase, setup.config, setup.anatomy)
     log.info("phase %s: %s", phase.name, describe_groups(setup.optimizer))
 
 
@@ -258,4 +258,4 @@ def _apply_lr_finder(setup: TrainingSetup) -> None:
         raise ConfigError("--lr auto: the LR finder found no usable learning rate; give --lr explicitly")
     config.lr = distributed.broadcast_object(float(result.suggestion))  # one rate for every process
     log.info("LR finder suggests lr %.3g (%s)", config.lr, result.method)
-    setup.optimizer = build_optimizer(setup.model, setup.phases[0], config)
+    setup.optimizer = build_optimizer(setup.model, setup.phases[0], config, setup.anatomy)

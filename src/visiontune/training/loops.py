@@ -19,6 +19,7 @@ from visiontune import distributed
 from visiontune.device import Precision, autocast
 from visiontune.errors import VisiontuneError
 from visiontune.model.outputs import main_logits
+from visiontune.model.freeze import set_train_mode  # the BatchNorm policy lives with freezing; re-exported here
 from visiontune.training.schedule import Schedule, set_learning_rates
 
 # torchvision's weights for the auxiliary classifiers' losses (GoogLeNet has two, Inception v3 one).
@@ -63,17 +64,6 @@ def compute_loss(outputs, targets: torch.Tensor, loss_fn: Callable) -> torch.Ten
         weight = AUX_WEIGHT_ONE_HEAD if len(auxiliary) == 1 else AUX_WEIGHT_TWO_HEADS
         loss = loss + weight * sum(loss_fn(aux, targets) for aux in auxiliary)
     return loss
-
-
-def set_train_mode(model: nn.Module) -> None:
-    """``model.train()``, except that BatchNorm layers without trainable parameters stay in eval
-    mode so frozen layers keep their pretrained running statistics."""
-    model.train()
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            params = list(module.parameters(recurse=False))
-            if params and not any(p.requires_grad for p in params):
-                module.eval()
 
 
 def train_one_epoch(

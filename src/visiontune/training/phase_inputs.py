@@ -5,7 +5,8 @@ only the head trains on a frozen backbone (see :func:`visiontune.features.extrac
 the answer is the head module and loaders over cached features (train and val), built once when
 the phase starts; otherwise it is the whole model and the setup's own loaders. The head is the
 model's own module, so the optimizer, the best-weights file and the checkpoint are unchanged, and
-the cached loaders visit the images in the same seeded order as the image loaders.
+the cached loaders visit the images in the same seeded order as the image loaders. The head, the
+cache plan and the cache key all come from the set-up's :class:`~visiontune.model.anatomy.Anatomy`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from visiontune import distributed
+from visiontune.data import is_deterministic
 from visiontune.features.extract import (
     CachedFeatures,
     CachePlan,
@@ -102,8 +104,6 @@ class PhaseInputs:
         return inputs
 
     def _plan(self) -> CachePlan:
-        from visiontune.data import is_deterministic
-
         setup = self.setup
         mode = getattr(setup.config, "feature_cache", "auto")
         if mode == "off":
@@ -114,11 +114,10 @@ class PhaseInputs:
             deterministic_transform=transform is not None and is_deterministic(transform),
             views=getattr(setup.config, "cache_views", 0),
             batch_mixing=setup.batch_mixer is not None,
+            anatomy=setup.anatomy,
         )
 
     def _cached_inputs(self, plan: CachePlan) -> EpochInputs:
-        from visiontune.model.heads import find_head
-
         setup = self.setup
         store = getattr(setup.config, "feature_cache", "auto")
         train_cache = self._cache(_image_dataset(setup.train_loader), plan.views, store)
@@ -132,7 +131,7 @@ class PhaseInputs:
         val_features = val_cache.dataset(0)
         val_loader = DataLoader(val_features, batch_size=setup.val_loader.batch_size,
                                 sampler=distributed.make_eval_sampler(val_features))
-        return EpochInputs(find_head(setup.model)[1], train_loader, val_loader)
+        return EpochInputs(setup.anatomy.head_module(setup.model), train_loader, val_loader)
 
     def _sharded_cache(self, dataset, views: int) -> CachedFeatures:
         """Under torchrun: each process runs the backbone over its shard of the images (rows r,
@@ -142,7 +141,7 @@ class PhaseInputs:
         setup = self.setup
         local = build_feature_cache(
             setup.model, distributed.shard_dataset(dataset), views=views, batch_size=setup.config.batch_size,
-            device=setup.device, store="memory", seed=setup.config.seed)
+            device=setup.device, store="memory", seed=setup.config.seed, anatomy=setup.anatomy)
         features = torch.stack([distributed.all_gather_shards(torch.as_tensor(local.features[view]), len(dataset))
                                 for view in range(views)])
         gathered = CachedFeatures(features, distributed.all_gather_shards(local.labels, len(dataset)), "memory")
@@ -158,14 +157,15 @@ class PhaseInputs:
         key = None
         if samples is not None:
             key = feature_cache_key(setup.model, samples, transform_description=repr(dataset.transform),
-                                    views=views, model_name=f"{setup.config.model}|{setup.config.weights}")
+                                    views=views, model_name=f"{setup.config.model}|{setup.config.weights}",
+                                    anatomy=setup.anatomy)
         return build_feature_cache(
             setup.model, dataset, views=views, batch_size=setup.config.batch_size,
             # Decoded images only need the cheap tensor transforms: worker processes would cost more
             # to start than they save. Files still need decoding, in the configured workers.
             num_workers=setup.train_loader.num_workers if samples is not None else 0, device=setup.device, key=key,
             store=store if store in ("memory", "disk") and (key or store == "memory") else "auto",
-            seed=setup.config.seed, memory_budget=setup.memory_budget)
+            seed=setup.config.seed, memory_budget=setup.memory_budget, anatomy=setup.anatomy)
 
 
 def _image_dataset(loader: DataLoader):

@@ -29,6 +29,7 @@ from visiontune.config import TrainConfig
 from visiontune.device import (Precision, configure_threads, default_workers, prefers_channels_last, resolve_device,
                                resolve_precision)
 from visiontune.memory import MemoryBudget
+from visiontune.model.anatomy import Anatomy, anatomy_of
 from visiontune.model.preprocessing import Preprocessing
 from visiontune.training.strategies import Phase, apply_phase, build_optimizer, plan_phases
 
@@ -50,6 +51,7 @@ class TrainingSetup:
     precision: Precision
     preprocessing: Preprocessing
     phases: list[Phase]
+    anatomy: Anatomy  # the model's heads and layer groups, found once here and passed to every stage
     batch_mixer: Callable | None = None
     val_samples: list = field(default_factory=list)  # Sample(path, label) per val image, loader order
     bad_files: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) skipped
@@ -128,10 +130,12 @@ def build_training(config: TrainConfig) -> TrainingSetup:
     if prefers_channels_last(model):
         model.to(memory_format=torch.channels_last)
     if config.compile:
-        model.compile()  # in place: parameter names, checkpoints and find_head are unchanged
+        model.compile()  # in place: parameter and module names, hence the anatomy, are unchanged
+    # Found once, on the model as it will train (SyncBatchNorm swapped in): nothing later searches it again.
+    anatomy = anatomy_of(model, name=config.model)
     phases = plan_phases(config)
-    apply_phase(model, phases[0])
-    optimizer = build_optimizer(model, phases[0], config)
+    apply_phase(model, phases[0], anatomy)
+    optimizer = build_optimizer(model, phases[0], config, anatomy)
     workers = default_workers() if config.workers is None else config.workers
     train_targets = list(train_set.targets)
     return TrainingSetup(
@@ -146,6 +150,7 @@ def build_training(config: TrainConfig) -> TrainingSetup:
         precision=precision,
         preprocessing=preprocessing,
         phases=phases,
+        anatomy=anatomy,
         batch_mixer=build_batch_mixer(len(split.classes), config.mixup, config.cutmix),
         val_samples=val_samples,
         bad_files=bad,

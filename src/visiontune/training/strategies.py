@@ -15,7 +15,9 @@ gradual       ``freeze_epochs`` of the head alone, then everything with
               the layer groups down to ``lr / 10`` at the input)
 ============  =====================================================================
 
-Frozen parts keep their BatchNorm statistics (``freeze(..., bn="frozen")``).
+Frozen parts keep their BatchNorm statistics (``freeze(..., bn="frozen")``). Every function takes
+the model's :class:`~visiontune.model.anatomy.Anatomy` (the training set-up computes it once) and
+finds it itself only when none is given.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ import torch
 from torch import nn
 
 from visiontune.config import TrainConfig
+from visiontune.model.anatomy import Anatomy, anatomy_of
+from visiontune.model.freeze import freeze
+from visiontune.model.param_groups import param_groups
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +74,9 @@ def phase_index_for_epoch(phases: list[Phase], epoch: int) -> int:
     return len(phases) - 1
 
 
-def apply_phase(model: nn.Module, phase: Phase) -> list[str]:
+def apply_phase(model: nn.Module, phase: Phase, anatomy: Anatomy | None = None) -> list[str]:
     """Set requires_grad (and frozen BN to eval) for ``phase``; returns the trainable parameter names."""
-    from visiontune.model.freeze import freeze
-
-    trainable = freeze(model, train=phase.train, bn="frozen")
+    trainable = freeze(model, train=phase.train, bn="frozen", anatomy=anatomy)
     log.info("phase %s: %d trainable parameter tensors", phase.name, len(trainable))
     return trainable
 
@@ -86,24 +89,23 @@ def head_learning_rate(config: TrainConfig) -> float:
     return float(config.lr) * HEAD_LR_MULTIPLIER
 
 
-def layer_decay_for(model: nn.Module, phase: Phase, config: TrainConfig) -> float | None:
+def layer_decay_for(model: nn.Module, phase: Phase, config: TrainConfig,
+                    anatomy: Anatomy | None = None) -> float | None:
     """``config.layer_decay``; for gradual's second phase without one, the decay that spreads the
     backbone from ``lr`` (last group) down to ``lr * GRADUAL_LOWEST_LR_RATIO`` (first group)."""
     if config.layer_decay is not None or config.strategy != "gradual" or phase.train != "all":
         return config.layer_decay
-    from visiontune.model.freeze import layer_groups
-
-    backbone_groups = max(1, len(layer_groups(model)) - 1)  # the last group is the head
+    backbone_groups = max(1, len((anatomy or anatomy_of(model)).groups) - 1)  # the last group is the head
     if backbone_groups == 1:
         return None
     return GRADUAL_LOWEST_LR_RATIO ** (1.0 / (backbone_groups - 1))
 
 
-def learning_rate_groups(model: nn.Module, phase: Phase, config: TrainConfig) -> list[dict]:
+def learning_rate_groups(model: nn.Module, phase: Phase, config: TrainConfig,
+                         anatomy: Anatomy | None = None) -> list[dict]:
     """Optimizer parameter groups of the trainable parameters, each with its peak ``lr``."""
-    from visiontune.model.param_groups import param_groups
-
-    decay = layer_decay_for(model, phase, config)
+    anatomy = anatomy or anatomy_of(model)
+    decay = layer_decay_for(model, phase, config, anatomy)
     groups = param_groups(
         model,
         lr=float(config.lr),
@@ -113,6 +115,7 @@ def learning_rate_groups(model: nn.Module, phase: Phase, config: TrainConfig) ->
         backbone_lr_mult=None if decay is None else 1.0 / decay,
         layer_decay=decay,
         weight_decay=config.weight_decay,
+        anatomy=anatomy,
     )
     kept = []
     for group in groups:
@@ -124,11 +127,12 @@ def learning_rate_groups(model: nn.Module, phase: Phase, config: TrainConfig) ->
     return kept
 
 
-def build_optimizer(model: nn.Module, phase: Phase, config: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, phase: Phase, config: TrainConfig,
+                    anatomy: Anatomy | None = None) -> torch.optim.Optimizer:
     """AdamW (default) or SGD with momentum over ``phase``'s trainable parameters.
 
     Each group keeps ``peak_lr``; :func:`visiontune.training.schedule.set_learning_rates` scales it per step."""
-    groups = learning_rate_groups(model, phase, config)
+    groups = learning_rate_groups(model, phase, config, anatomy)
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=float(config.lr), momentum=config.momentum, nesterov=config.momentum > 0)
     return torch.optim.AdamW(groups, lr=float(config.lr))
