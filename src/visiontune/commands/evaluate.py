@@ -1,10 +1,15 @@
-"""``visiontune evaluate``: a finished run's metrics on any labelled image folder."""
+"""``visiontune evaluate``: a finished run's metrics on any labelled image folder.
+
+Under ``torchrun ... -m visiontune evaluate --run-dir RUN --data DIR`` the processes share the
+work and rank 0 prints the metrics of the whole folder (the same numbers as one process)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+
+from visiontune import distributed
 
 
 def register(subparsers) -> None:
@@ -14,7 +19,8 @@ def register(subparsers) -> None:
         description="Accuracy, top-5, macro-F1, loss and per-class precision/recall of a run's model on "
         "DIR/<class>/<image> (or DIR/val/<class>/... when DIR is a dataset root, or a CSV manifest).",
     )
-    parser.add_argument("--run", required=True, metavar="RUN", help="run folder written by 'visiontune train'")
+    parser.add_argument("--run", "--run-dir", required=True, metavar="RUN",
+                        help="run folder written by 'visiontune train' (--run-dir: the same, for torchrun)")
     parser.add_argument("--data", required=True, metavar="DIR", help="labelled folder of class sub-folders, or a CSV")
     parser.add_argument("--checkpoint", choices=("best", "last"), default="best", help="which weights (default: best)")
     parser.add_argument("--batch-size", type=int, default=64, metavar="B", help="images per forward pass (default: 64)")
@@ -29,8 +35,12 @@ def run(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
-    loaded = open_run(args.run, checkpoint=args.checkpoint, device=args.device)
-    evaluation = evaluate_run(loaded, args.data, batch_size=args.batch_size)
+    # Under torchrun each process evaluates its share of the batches; all get the summed metrics.
+    with distributed.session():
+        loaded = open_run(args.run, checkpoint=args.checkpoint, device=args.device)
+        evaluation = evaluate_run(loaded, args.data, batch_size=args.batch_size, across_processes=True)
+    if not distributed.is_main_process():
+        return 0
     if args.json:
         result = {"run": str(args.run), "checkpoint": args.checkpoint, **evaluation.to_dict()}
         print(json.dumps(result, indent=2))

@@ -13,7 +13,8 @@ def register(subparsers) -> None:
         "dynamic batch size) to FILE and its preprocessing and class names to FILE.json, then run FILE with "
         "its own runtime (onnxruntime / torch.jit.load) at batch sizes 1 and 3 and compare with PyTorch.",
     )
-    parser.add_argument("--run", required=True, metavar="RUN", help="run folder written by 'visiontune train'")
+    parser.add_argument("--run", "--run-dir", required=True, metavar="RUN",
+                        help="run folder written by 'visiontune train' (--run-dir: the same, for torchrun)")
     parser.add_argument("--format", choices=("onnx", "torchscript"), default="onnx", help="(default: onnx)")
     parser.add_argument("--out", metavar="FILE", help="where to write (default: RUN/model.onnx or RUN/model.pt)")
     parser.add_argument("--checkpoint", choices=("best", "last"), default="best", help="which weights (default: best)")

@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from visiontune import distributed
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -14,7 +16,8 @@ def register(subparsers) -> None:
         description="Print the top-K labels and probabilities for each image. Folders are searched "
         "recursively for image files; unreadable images are reported on stderr and skipped.",
     )
-    parser.add_argument("--run", required=True, metavar="RUN", help="run folder written by 'visiontune train'")
+    parser.add_argument("--run", "--run-dir", required=True, metavar="RUN",
+                        help="run folder written by 'visiontune train' (--run-dir: the same, for torchrun)")
     parser.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders of images")
     parser.add_argument("--top-k", type=int, default=3, metavar="K", help="labels to show per image (default: 3)")
     parser.add_argument("--checkpoint", choices=("best", "last"), default="best", help="which weights (default: best)")
@@ -34,8 +37,13 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
     images = collect_images(args.paths)  # before loading the model: a typo fails fast
-    loaded = open_run(args.run, checkpoint=args.checkpoint, device=args.device)
-    predictions, skipped = predict_images(loaded, images, top_k=args.top_k, batch_size=args.batch_size)
+    # Under torchrun each process classifies its share of the batches; rank 0 prints them all.
+    with distributed.session():
+        loaded = open_run(args.run, checkpoint=args.checkpoint, device=args.device)
+        predictions, skipped = predict_images(loaded, images, top_k=args.top_k, batch_size=args.batch_size,
+                                              across_processes=True)
+    if not distributed.is_main_process():
+        return 0
     for path, reason in skipped:
         print(f"skipped unreadable image {path}: {reason}", file=sys.stderr)
     if not predictions:

@@ -13,7 +13,8 @@ def register(subparsers) -> None:
         "configuration, the pretrained weights' load report, learning curves, confusion matrix, per-class "
         "precision/recall and the validation images it got most wrong.",
     )
-    parser.add_argument("--run", required=True, metavar="RUN", help="run folder written by 'visiontune train'")
+    parser.add_argument("--run", "--run-dir", required=True, metavar="RUN",
+                        help="run folder written by 'visiontune train' (--run-dir: the same, for torchrun)")
     parser.add_argument("--out", metavar="FILE", help="where to write (default: RUN/report.html)")
     parser.add_argument("--max-wrong", type=int, default=24, metavar="N",
                         help="how many misclassified validation images to show (default: 24)")

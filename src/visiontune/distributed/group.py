@@ -202,6 +202,16 @@ def broadcast_object(value: Any, src: int = 0) -> Any:
     return holder[0]
 
 
+def all_gather_objects(value: T) -> list[T]:
+    """Every process's ``value`` (picklable: a list of predictions, of skipped files), in rank
+    order, on every process; ``[value]`` in one process."""
+    if not is_distributed():
+        return [value]
+    gathered: list = [None] * world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
 def all_gather_shards(local: torch.Tensor, total: int) -> torch.Tensor:
     """Reassemble, on every process, rows computed shard-wise in dataset order.
 
