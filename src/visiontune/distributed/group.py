@@ -38,6 +38,11 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def local_world_size() -> int:
+    """Processes torchrun started on this machine (1 outside torchrun): they share its RAM."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if launched_by_torchrun() else 1
+
+
 def init_from_env(backend: str | None = None, timeout_s: float | None = None) -> bool:
     """Join the process group described by torchrun's RANK / WORLD_SIZE / MASTER_ADDR variables.
 

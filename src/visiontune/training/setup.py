@@ -28,6 +28,7 @@ from visiontune.config import TrainConfig
 from visiontune.device import (Precision, configure_threads, default_workers, prefers_channels_last, resolve_device,
                                resolve_precision)
 from visiontune.model.preprocessing import Preprocessing
+from visiontune.training.memory_estimate import check_training_memory
 from visiontune.training.strategies import Phase, apply_phase, build_optimizer, plan_phases
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,8 @@ def build_training(config: TrainConfig) -> TrainingSetup:
     device = distributed.device_for_rank(resolve_device(config.device))  # cuda:LOCAL_RANK under torchrun
     precision = resolve_precision(device, config.precision)
     configure_threads(device)
+    # Before any image is decoded or weights file read: refuse what cannot fit in memory.
+    check_training_memory(config, resolve_run_preprocessing(config), device, precision)
     split, train_set, val_set, val_samples, bad, preprocessing = _build_datasets(config, build_transforms)
     model, load_report = build_model(config, len(split.classes))
     model.to(device)
