@@ -15,6 +15,10 @@ The rules the engine follows, and why:
   and metrics are summed over processes (:func:`all_reduce_metrics`) before anyone reads them.
   Evaluate the unwrapped module (:func:`unwrap`): shards differ in length by one batch, and a DDP
   forward may run a collective that the shorter rank would never join.
+* ``visiontune evaluate`` and ``predict`` split their files by whole batches
+  (:func:`shard_batches`), so every forward pass sees the images it sees in one process and the
+  results are one process's exactly; metrics are summed and predictions gathered
+  (:func:`all_gather_objects`).
 * Every decision that changes control flow (best epoch, early stop) is taken from reduced
   metrics, so all processes agree on it without talking.
 * Only the main process prints, writes the run folder and saves checkpoints; the others wait at
@@ -23,7 +27,8 @@ The rules the engine follows, and why:
 
 Modules: :mod:`~visiontune.distributed.group` (process group and collectives),
 :mod:`~visiontune.distributed.sharding` (samplers), :mod:`~visiontune.distributed.ddp` (the
-wrapped model), :mod:`~visiontune.distributed.launch` (``visiontune train --nproc``).
+wrapped model), :mod:`~visiontune.distributed.launch` (``visiontune train --nproc``, and torchrun's
+parser without abbreviations).
 """
 
 from visiontune.distributed.ddp import (
