@@ -32,7 +32,15 @@ COMMAND_MODULES = (
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse already exits with status 2 on a usage error; keep its message to one line."""
+    """argparse already exits with status 2 on a usage error; keep its message to one line.
+
+    Abbreviated flags are refused (``allow_abbrev=False``): ``--out`` must not silently mean
+    ``--out-dir`` once such a flag exists, and a command line that works today must not become
+    ambiguous when a flag is added. This class is the parser of every sub-command too."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):  # noqa: D401 - argparse API
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")

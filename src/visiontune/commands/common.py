@@ -27,7 +27,10 @@ def positive_int(text: str) -> int:
 
 def add_run_folder_argument(parser: argparse.ArgumentParser) -> None:
     """``--run RUN``: the folder a training run wrote."""
-    parser.add_argument("--run", required=True, metavar="RUN", help="run folder written by 'visiontune train'")
+    # --run-dir: the same flag under a name torchrun's own parser does not take for its --run-path
+    # (torchrun accepts abbreviations, so it would swallow `--run RUN` before visiontune starts).
+    parser.add_argument("--run", "--run-dir", required=True, metavar="RUN",
+                        help="run folder written by 'visiontune train' (--run-dir: the same, for torchrun)")
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, batch_size: int | None = None) -> None:

@@ -1,4 +1,7 @@
-"""``visiontune evaluate``: a finished run's metrics on any labelled image folder."""
+"""``visiontune evaluate``: a finished run's metrics on any labelled image folder.
+
+Under ``torchrun ... -m visiontune evaluate --run-dir RUN --data DIR`` the processes share the
+work and rank 0 prints the metrics of the whole folder (the same numbers as one process)."""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ import json
 import sys
 
 from visiontune.commands.common import add_run_arguments
+from visiontune import distributed
 
 
 def register(subparsers) -> None:
@@ -26,8 +30,12 @@ def run(args: argparse.Namespace) -> int:
     from visiontune.run.folder import load_run
     from visiontune.run.inference import evaluate_run
 
-    loaded = load_run(args.run, checkpoint=args.checkpoint, device=args.device)
-    evaluation = evaluate_run(loaded, args.data, batch_size=args.batch_size)
+    # Under torchrun each process evaluates its share of the batches; all get the summed metrics.
+    with distributed.session():
+        loaded = load_run(args.run, checkpoint=args.checkpoint, device=args.device)
+        evaluation = evaluate_run(loaded, args.data, batch_size=args.batch_size, across_processes=True)
+    if not distributed.is_main_process():
+        return 0
     if args.json:
         result = {"run": str(args.run), "checkpoint": args.checkpoint, **evaluation.to_dict()}
         print(json.dumps(result, indent=2))

@@ -7,6 +7,7 @@ import json
 import sys
 
 from visiontune.commands.common import add_run_arguments, positive_int
+from visiontune import distributed
 
 
 def register(subparsers) -> None:
@@ -31,8 +32,13 @@ def run(args: argparse.Namespace) -> int:
     from visiontune.run.inference import collect_images, predict_images
 
     images = collect_images(args.paths)  # before loading the model: a typo fails fast
-    loaded = load_run(args.run, checkpoint=args.checkpoint, device=args.device)
-    predictions, skipped = predict_images(loaded, images, top_k=args.top_k, batch_size=args.batch_size)
+    # Under torchrun each process classifies its share of the batches; rank 0 prints them all.
+    with distributed.session():
+        loaded = load_run(args.run, checkpoint=args.checkpoint, device=args.device)
+        predictions, skipped = predict_images(loaded, images, top_k=args.top_k, batch_size=args.batch_size,
+                                              across_processes=True)
+    if not distributed.is_main_process():
+        return 0
     for path, reason in skipped:
         print(f"skipped unreadable image {path}: {reason}", file=sys.stderr)
     if not predictions:

@@ -38,6 +38,11 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def local_world_size() -> int:
+    """Processes torchrun started on this machine (1 outside torchrun): they share its RAM."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if launched_by_torchrun() else 1
+
+
 def init_from_env(backend: str | None = None, timeout_s: float | None = None) -> bool:
     """Join the process group described by torchrun's RANK / WORLD_SIZE / MASTER_ADDR variables.
 
@@ -200,6 +205,16 @@ def broadcast_object(value: Any, src: int = 0) -> Any:
     holder = [value if rank() == src else None]
     dist.broadcast_object_list(holder, src=src)
     return holder[0]
+
+
+def all_gather_objects(value: T) -> list[T]:
+    """Every process's ``value`` (picklable: a list of predictions, of skipped files), in rank
+    order, on every process; ``[value]`` in one process."""
+    if not is_distributed():
+        return [value]
+    gathered: list = [None] * world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
 
 
 def all_gather_shards(local: torch.Tensor, total: int) -> torch.Tensor:

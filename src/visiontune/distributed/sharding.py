@@ -69,6 +69,19 @@ def make_eval_sampler(dataset) -> Sampler:
     return ShardedSampler(range(len(dataset)), rank(), world_size(), pad=False)
 
 
+def shard_batches(num_items: int, batch_size: int) -> list[int]:
+    """Indices of this process's share of ``range(num_items)`` cut into batches of ``batch_size``,
+    by whole batches: rank r takes batches r, r+W, ... unpadded (every index once over all
+    ranks; all of them in one process). Batch the result with the same ``batch_size`` and every
+    forward pass sees exactly the images it sees in one process, so per-image results (and
+    metrics summed from them) are those of one process, not merely close: the kernels that a
+    batch's size and contents select are the same."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    batches = shard_sampler(range(math.ceil(num_items / batch_size)), pad=False)
+    return [index for k in batches for index in range(k * batch_size, min((k + 1) * batch_size, num_items))]
+
+
 def shard_dataset(dataset: Dataset) -> Dataset:
     """This rank's rows r, r+W, ... of ``dataset`` (itself in one process): compute something
     per image on the shard, then :func:`all_gather_shards` the result (the feature cache)."""

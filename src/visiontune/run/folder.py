@@ -31,6 +31,7 @@ from torch import nn
 
 from visiontune.config import TrainConfig, read_config, save_config
 from visiontune.device import DEVICES, resolve_device
+from visiontune import distributed
 from visiontune.distributed import is_main_process
 from visiontune.errors import CheckpointError, ConfigError
 from visiontune.model.preprocessing import Preprocessing
@@ -244,8 +245,9 @@ def load_run(run_dir: str | Path, checkpoint: str = "best", device: str | torch.
                           "give the folder that 'visiontune train --out' wrote")
     if checkpoint not in ("best", "last"):
         raise ConfigError(f"checkpoint must be 'best' or 'last', got {checkpoint!r}")
-    # "auto"/"cpu"/"cuda" are checked (no GPU is a ConfigError); "cuda:1" or a torch.device is used as given
-    device = resolve_device(device) if device in DEVICES else torch.device(device)
+    # "auto"/"cpu"/"cuda" are checked (no GPU is a ConfigError) and, under torchrun, "cuda" is this
+    # process's GPU (cuda:LOCAL_RANK); "cuda:1" or a torch.device is used as given.
+    device = distributed.device_for_rank(resolve_device(device)) if device in DEVICES else torch.device(device)
     config = read_config(run_dir / CONFIG_FILE)
     classes = json.loads((run_dir / CLASSES_FILE).read_text())
     preprocessing = Preprocessing.from_dict(json.loads((run_dir / PREPROCESSING_FILE).read_text()))

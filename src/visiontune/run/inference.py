@@ -3,18 +3,25 @@
 Both work on a :class:`visiontune.run.folder.LoadedRun` (``load_run(RUN)``) and prepare images exactly
 as the run's validation did: ``load_image`` then the evaluation transform of the run's saved
 preprocessing. Unreadable images never stop the work; they are returned as ``(path, reason)``.
+
+Under torchrun, ``across_processes=True`` (what the commands pass) splits the work by whole
+batches (:func:`visiontune.distributed.shard_batches`): each process runs its batches, metrics are
+summed and predictions gathered, and every process returns the whole result, equal to one
+process's. Every process must then make the same call; the default (False) never communicates,
+so rank 0 alone may call these functions.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from visiontune import distributed
 from visiontune.errors import DataError
 from visiontune.metrics import ClassificationMetrics
 from visiontune.model.outputs import main_logits
@@ -73,39 +80,67 @@ def collect_images(paths: Iterable[str | Path]) -> list[Path]:
 
 
 def predict_images(
-    run, paths: Sequence[str | Path], top_k: int = 5, batch_size: int = 32
+    run, paths: Sequence[str | Path], top_k: int = 5, batch_size: int = 32, across_processes: bool = False
 ) -> tuple[list[Prediction], list[tuple[str, str]]]:
-    """Classify ``paths`` (image files) with the run's model; ``(predictions, skipped)``."""
+    """Classify ``paths`` (image files) with the run's model; ``(predictions, skipped)`` in the
+    order of ``paths``. ``across_processes``: see the module docstring."""
     if top_k < 1:
         raise DataError(f"--top-k must be at least 1, got {top_k}")
     top_k = min(top_k, len(run.classes))
     predictions: list[Prediction] = []
     skipped: list[tuple[str, str]] = []
-    for batch_paths, images in _image_batches(run, list(paths), batch_size, skipped):
+    paths = list(paths)
+    for batch_paths, images in _image_batches(run, _share(paths, batch_size, across_processes), batch_size, skipped):
         probabilities = F.softmax(_logits(run.model, images).float(), dim=1)
         scores, indices = probabilities.topk(top_k, dim=1)
         for path, row_scores, row_indices in zip(batch_paths, scores.tolist(), indices.tolist()):
             ranked = [(run.classes[i], score) for i, score in zip(row_indices, row_scores)]
             predictions.append(Prediction(str(path), ranked[0][0], ranked[0][1], ranked))
+    if across_processes:
+        predictions = _gather_in_order(predictions, paths, lambda prediction: prediction.path)
+        skipped = _gather_in_order(skipped, paths, lambda item: item[0])
     return predictions, skipped
 
 
-def evaluate_run(run, data: str | Path, batch_size: int = 64) -> Evaluation:
+def evaluate_run(run, data: str | Path, batch_size: int = 64, across_processes: bool = False) -> Evaluation:
     """Metrics of the run's model on a labelled folder (``data/<class>/*``, or ``data/val/<class>/*``
     when ``data`` is a dataset root, or a CSV manifest). Class folders may be a subset of the
-    run's classes; a class the model does not know is a DataError."""
+    run's classes; a class the model does not know is a DataError. ``across_processes``: see the
+    module docstring."""
     from visiontune.data import scan_labelled
 
     samples = scan_labelled(data, list(run.classes))
     labels = {str(sample.path): sample.label for sample in samples}
     metrics = ClassificationMetrics(list(run.classes))
     skipped: list[tuple[str, str]] = []
-    for batch_paths, images in _image_batches(run, [s.path for s in samples], batch_size, skipped):
+    paths = [sample.path for sample in samples]
+    for batch_paths, images in _image_batches(run, _share(paths, batch_size, across_processes), batch_size, skipped):
         targets = torch.tensor([labels[str(p)] for p in batch_paths])
         metrics.update(_logits(run.model, images).float().cpu(), targets)
+    if across_processes:
+        distributed.all_reduce_metrics(metrics)  # every process now holds the whole set's sums
+        skipped = _gather_in_order(skipped, paths, lambda item: item[0])
     if metrics.num_images == 0:
         raise DataError(f"none of the {len(samples)} images in {data} could be read; first: {skipped[0][0]} ({skipped[0][1]})")
     return Evaluation(metrics.compute(), _evaluated_root(data, run.classes), skipped)
+
+
+def _share(paths: list, batch_size: int, across_processes: bool) -> list:
+    """This process's whole batches of ``paths`` when sharing the work, else all of them."""
+    if not across_processes:
+        return paths
+    return [paths[index] for index in distributed.shard_batches(len(paths), batch_size)]
+
+
+def _gather_in_order(items: list, paths: Sequence, path_of: Callable[[object], str]) -> list:
+    """Every process's ``items`` (each naming one of ``paths``), in the order of ``paths``."""
+    if not distributed.is_distributed():
+        return items
+    position: dict[str, int] = {}
+    for index, path in enumerate(paths):
+        position.setdefault(str(path), index)
+    gathered = [item for part in distributed.all_gather_objects(items) for item in part]
+    return sorted(gathered, key=lambda item: position[path_of(item)])
 
 
 def _image_batches(

@@ -31,6 +31,7 @@ from visiontune.device import (Precision, configure_threads, default_workers, pr
 from visiontune.memory import MemoryBudget
 from visiontune.model.anatomy import Anatomy, anatomy_of
 from visiontune.model.preprocessing import Preprocessing
+from visiontune.training.memory_estimate import check_training_memory
 from visiontune.training.strategies import Phase, apply_phase, build_optimizer, plan_phases
 
 log = logging.getLogger(__name__)
@@ -121,6 +122,8 @@ def build_training(config: TrainConfig) -> TrainingSetup:
     device = distributed.device_for_rank(resolve_device(config.device))  # cuda:LOCAL_RANK under torchrun
     precision = resolve_precision(device, config.precision)
     configure_threads(device)
+    # Before any image is decoded or weights file read: refuse what cannot fit in memory.
+    check_training_memory(config, resolve_run_preprocessing(config), device, precision)
     memory_budget = MemoryBudget.from_available()  # measured once, before anything of the run is in memory
     split, train_set, val_set, val_samples, bad, preprocessing = _build_datasets(config, build_transforms, memory_budget)
     model, load_report = build_model(config, len(split.classes))
