@@ -43,7 +43,7 @@ from torch import nn
 
 from visiontune import distributed
 from visiontune.config import TrainConfig
-from visiontune.data.decoded_cache import available_memory_bytes
+from visiontune.memory import available_memory_bytes
 from visiontune.device import Precision, default_workers
 from visiontune.errors import ConfigError
 from visiontune.model.create import create_model
