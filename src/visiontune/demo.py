@@ -19,7 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
+from visiontune.checkpoint import load_weights
+from visiontune.config import TrainConfig
 from visiontune.errors import ConfigError, ModelError
+from visiontune.model.create import create_model
+from visiontune.training.engine import train
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +117,6 @@ def write_digits_folder(
 
 def demo_train_config(options: DemoOptions, data: Path, weights: Path, run_dir: Path):
     """The TrainConfig the demo trains with."""
-    from visiontune.config import TrainConfig
-
     return TrainConfig(
         data=str(data),
         model=DEMO_MODEL,
@@ -138,9 +140,6 @@ def demo_train_config(options: DemoOptions, data: Path, weights: Path, run_dir: 
 
 def preview_load_report(weights: Path, num_classes: int = 10):
     """What loading the ImageNet weights into the demo model does (a dry run, for showing)."""
-    from visiontune.checkpoint import load_weights
-    from visiontune.model.create import create_model
-
     model = create_model(DEMO_MODEL, num_classes=num_classes, weights=None)
     return load_weights(model, weights, dry_run=True)
 
@@ -150,8 +149,6 @@ def run_demo(options: DemoOptions, reporter=None, announce: Callable[[str], None
 
     ``announce`` receives each step's description as it starts (the CLI prints them);
     ``reporter`` is the training progress reporter (see :class:`visiontune.training.engine.Reporter`)."""
-    from visiontune.training.engine import train
-
     if options.epochs < 2:
         raise ConfigError(f"--epochs must be at least 2 (one head-only epoch, then the whole network), got {options.epochs}")
     out = Path(options.out)
