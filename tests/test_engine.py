@@ -11,7 +11,8 @@ from torch import nn
 from visiontune.device import Precision, default_workers, resolve_precision
 from visiontune.training.loops import compute_loss, set_train_mode
 from visiontune.training.schedule import Schedule, build_schedule
-from visiontune.training.setup import EpochSampler, SeededSamples, build_loss
+from visiontune.training.samplers import EpochSampler, SeededSamples
+from visiontune.training.setup import build_loss
 from visiontune.config import config_from_dict
 
 

@@ -120,7 +120,7 @@ def out_of_memory_error(error: BaseException, batch_size: int) -> ConfigError:
 
 def is_main_process() -> bool:
     """Only rank 0 writes the run folder and prints. Single-process runs are rank 0; under
-    torchrun (issue #6) RANK is set for every process."""
+    torchrun RANK is set for every process."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank() == 0
     return int(os.environ.get("RANK", "0")) == 0
