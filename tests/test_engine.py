@@ -164,3 +164,24 @@ def test_interrupt_message_points_to_resume_only_when_there_is_a_checkpoint(tmp_
     assert "nothing to resume" in interrupted_message(str(tmp_path))
     (tmp_path / "last.ckpt").write_bytes(b"x")
     assert f"--resume {tmp_path}" in interrupted_message(str(tmp_path))
+
+
+@pytest.mark.slow
+def test_train_leaves_the_callers_config_as_it_was(tmp_path, monkeypatch):
+    import copy
+
+    from conftest import make_image_folder
+    from visiontune.training.engine import train
+
+    make_image_folder(tmp_path / "data", per_class=4, val_per_class=2)
+    monkeypatch.chdir(tmp_path)
+    # A relative data path, no --out and --lr auto: each used to be rewritten on the caller's object.
+    config = config_from_dict({"data": "data", "model": "timm:test_resnet", "weights": "none",
+                               "strategy": "linear-probe", "epochs": 1, "lr": "auto", "image_size": 32,
+                               "batch_size": 4, "workers": 0, "device": "cpu"})
+    before = copy.deepcopy(config)
+    result = train(config)
+    assert config == before and config.out is None and config.lr == "auto" and config.data == "data"
+    assert (tmp_path / result.run_dir).parent == tmp_path / "runs"  # the default folder, in the working directory
+    saved = (result.run_dir / "config.yaml").read_text()
+    assert str(tmp_path / "data") in saved and "lr: auto" not in saved  # the run itself saved the resolved copy
