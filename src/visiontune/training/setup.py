@@ -18,15 +18,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from visiontune import distributed
+# Modules rather than their functions: tests replace data.fits_in_memory and create.create_model there.
+from visiontune import data, distributed
 from visiontune.checkpoint import load_weights
 from visiontune.config import TrainConfig
-from visiontune.data import (ImageDataset, InMemoryDataset, build_batch_mixer, build_transforms, check_images,
-                             decode_to_uint8, discover, fits_in_memory)
 from visiontune.device import (Precision, configure_threads, default_workers, prefers_channels_last, resolve_device,
                                resolve_precision)
 from visiontune.errors import DataError
-from visiontune.model.create import create_model, resolve_preprocessing
+from visiontune.model import create
 from visiontune.model.preprocessing import Preprocessing
 from visiontune.training.samplers import EpochSampler, SeededSamples
 from visiontune.training.strategies import Phase, apply_phase, build_optimizer, plan_phases
@@ -67,7 +66,7 @@ def build_training(config: TrainConfig) -> TrainingSetup:
     device = distributed.device_for_rank(resolve_device(config.device))  # cuda:LOCAL_RANK under torchrun
     precision = resolve_precision(device, config.precision)
     configure_threads(device)
-    split, train_set, val_set, val_samples, bad, preprocessing = _build_datasets(config, build_transforms)
+    split, train_set, val_set, val_samples, bad, preprocessing = _build_datasets(config)
     model, load_report = build_model(config, len(split.classes))
     model.to(device)
     if config.sync_bn:
@@ -93,7 +92,7 @@ def build_training(config: TrainConfig) -> TrainingSetup:
         precision=precision,
         preprocessing=preprocessing,
         phases=phases,
-        batch_mixer=build_batch_mixer(len(split.classes), config.mixup, config.cutmix),
+        batch_mixer=data.build_batch_mixer(len(split.classes), config.mixup, config.cutmix),
         val_samples=val_samples,
         bad_files=bad,
         split_info={"source": split.source, "train_images": len(train_set), "val_images": len(val_set),
@@ -104,7 +103,7 @@ def build_training(config: TrainConfig) -> TrainingSetup:
 
 
 def resolve_run_preprocessing(config: TrainConfig) -> Preprocessing:
-    preprocessing = resolve_preprocessing(config.model, weights=_builtin_weights(config.weights))
+    preprocessing = create.resolve_preprocessing(config.model, weights=_builtin_weights(config.weights))
     return preprocessing.with_image_size(config.image_size) if config.image_size else preprocessing
 
 
@@ -121,7 +120,7 @@ def is_weights_file(weights: str) -> bool:
 def build_model(config: TrainConfig, num_classes: int) -> tuple[nn.Module, dict | None]:
     """The architecture with its pretrained weights; a weights file goes through load_weights,
     whose report is returned (as a dict) for report.json."""
-    model = create_model(config.model, num_classes=num_classes, weights=_builtin_weights(config.weights))
+    model = create.create_model(config.model, num_classes=num_classes, weights=_builtin_weights(config.weights))
     if not is_weights_file(config.weights):
         return model, None
     report = load_weights(model, Path(config.weights).expanduser())
@@ -143,25 +142,26 @@ def build_loss(config: TrainConfig, train_targets: list[int], num_classes: int) 
     return nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing)
 
 
-def _build_datasets(config: TrainConfig, build_transforms):
-    split = discover(config.data, val_split=config.val_split, seed=config.seed)
+def _build_datasets(config: TrainConfig):
+    split = data.discover(config.data, val_split=config.val_split, seed=config.seed)
     preprocessing = resolve_run_preprocessing(config)
-    train_transform, eval_transform = build_transforms(preprocessing, config.augment)
+    train_transform, eval_transform = data.build_transforms(preprocessing, config.augment)
     total = len(split.train) + len(split.val)
-    if fits_in_memory(total, preprocessing.resize_size):
+    if data.fits_in_memory(total, preprocessing.resize_size):
         # Decode once: every epoch after the first would otherwise decode and resize every file again.
         def decoded(samples):
-            return decode_to_uint8(samples, preprocessing.resize_size, crop_size=preprocessing.crop_size,
-                                   interpolation=preprocessing.interpolation, on_bad_image=config.on_bad_image)
+            return data.decode_to_uint8(samples, preprocessing.resize_size, crop_size=preprocessing.crop_size,
+                                        interpolation=preprocessing.interpolation, on_bad_image=config.on_bad_image)
 
         train_images, val_images = decoded(split.train), decoded(split.val)
-        train_set = InMemoryDataset.from_decoded(train_images, train_transform)
-        val_set = InMemoryDataset.from_decoded(val_images, eval_transform)
+        train_set = data.InMemoryDataset.from_decoded(train_images, train_transform)
+        val_set = data.InMemoryDataset.from_decoded(val_images, eval_transform)
         bad, val_samples = train_images.bad + val_images.bad, val_images.samples
     else:
-        train_samples, train_bad = check_images(split.train, config.on_bad_image)
-        val_samples, val_bad = check_images(split.val, config.on_bad_image)
-        train_set, val_set = ImageDataset(train_samples, train_transform), ImageDataset(val_samples, eval_transform)
+        train_samples, train_bad = data.check_images(split.train, config.on_bad_image)
+        val_samples, val_bad = data.check_images(split.val, config.on_bad_image)
+        train_set = data.ImageDataset(train_samples, train_transform)
+        val_set = data.ImageDataset(val_samples, eval_transform)
         bad = train_bad + val_bad
     _require_images(train_set, val_set, config)
     return split, train_set, val_set, val_samples, bad, preprocessing
