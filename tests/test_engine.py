@@ -185,3 +185,26 @@ def test_train_leaves_the_callers_config_as_it_was(tmp_path, monkeypatch):
     assert (tmp_path / result.run_dir).parent == tmp_path / "runs"  # the default folder, in the working directory
     saved = (result.run_dir / "config.yaml").read_text()
     assert str(tmp_path / "data") in saved and "lr: auto" not in saved  # the run itself saved the resolved copy
+
+
+@pytest.mark.slow
+def test_an_interrupt_names_the_default_run_folder_to_resume(tmp_path, monkeypatch, capsys):
+    from conftest import make_image_folder
+    from visiontune.cli import main
+    from visiontune.commands.train import ConsoleReporter
+
+    make_image_folder(tmp_path / "data", per_class=2, val_per_class=1)
+    monkeypatch.chdir(tmp_path)
+    ends = []
+
+    def interrupt_after_epoch_1(self, row):
+        ends.append(row)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ConsoleReporter, "end_epoch", interrupt_after_epoch_1)
+    # No --out: train() chooses runs/<model>-<time> on its own copy of the config, and says which.
+    assert main(["train", "--data", "data", "--model", "timm:test_resnet", "--weights", "none", "--image-size", "32",
+                 "--batch-size", "4", "--workers", "0", "--device", "cpu", "--epochs", "2", "--quiet"]) == 130
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert len(ends) == 1 and (run_dir / "last.ckpt").is_file()
+    assert f"--resume runs/{run_dir.name}" in capsys.readouterr().err
