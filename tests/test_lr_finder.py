@@ -175,6 +175,20 @@ def test_runs_the_forward_pass_under_the_runs_precision(monkeypatch):
     assert dtypes == [torch.bfloat16] * 5 and len(result.lrs) == 5
 
 
+def test_fp16_steps_through_a_gradient_scaler_of_its_own_and_restores_exactly():
+    from visiontune.device import Precision
+
+    model = _tiny_classifier()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    before_model, before_optimizer = _snapshot(model, optimizer)
+    result = lr_find(model, _classification_batches(), optimizer, nn.functional.cross_entropy, "cpu", num_steps=8,
+                     precision=Precision(torch.float16), diverge_factor=1e9)
+    assert len(result.lrs) == 8 and all(math.isfinite(loss) for loss in result.losses)
+    after_model, after_optimizer = _snapshot(model, optimizer)
+    _assert_same(before_model, after_model, "model")
+    _assert_same(before_optimizer, after_optimizer, "optimizer")
+
+
 def test_valley_is_the_middle_of_the_longest_decreasing_stretch():
     lrs = [10.0**k for k in range(12)]
     losses = [5, 6, 5, 4, 3, 2, 1, 0.5, 3, 9, 20, 50]  # decreasing from index 1 to 7
