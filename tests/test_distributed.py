@@ -72,20 +72,17 @@ def tiny_data(size: int, seed: int) -> TensorDataset:
                          torch.randint(0, NUM_CLASSES, (size,), generator=generator))
 
 
-def train_tiny(sampler_kind: str) -> dict:
+def train_tiny() -> dict:
     """Two epochs of SGD with momentum on 24 images, global batch 8; returns the final weights."""
     dataset = tiny_data(24, seed=1)
     model = tiny_model()
-    if sampler_kind == "distributed_sampler":
-        sampler = distributed.make_train_sampler(dataset, seed=3)
-    else:
-        sampler = distributed.shard_sampler(SeededOrder(len(dataset), seed=3))
+    sampler = distributed.shard_sampler(SeededOrder(len(dataset), seed=3))
     loader = DataLoader(dataset, batch_size=distributed.per_process_batch_size(GLOBAL_BATCH), sampler=sampler)
     trainable = [param for param in model.parameters() if param.requires_grad]
     optimizer = torch.optim.SGD(trainable, lr=0.2, momentum=0.9, weight_decay=1e-4)
     ddp_model = distributed.wrap_ddp(model, "cpu")
     for epoch in range(2):
-        distributed.set_sampler_epoch(loader, epoch)
+        sampler.set_epoch(epoch)  # a ShardedSampler passes it on to the seeded order
         ddp_model.train()
         model[1].eval()  # frozen BN keeps its statistics
         for images, labels in loader:
@@ -159,7 +156,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             "world_size": distributed.world_size(),
             "is_main": distributed.is_main_process(),
             "broadcast": distributed.broadcast_object(f"chosen by rank {distributed.rank()}"),
-            "train": {kind: train_tiny(kind) for kind in ("distributed_sampler", "shard_sampler")},
+            "train": train_tiny(),
             "eval": evaluate_tiny(),
             "bn": batchnorm_buffers_after_training(),
             "helpers": main_process_helpers(),
@@ -190,13 +187,12 @@ def two_ranks(tmp_path_factory) -> list[dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sampler_kind", ["distributed_sampler", "shard_sampler"])
-def test_two_processes_train_the_same_weights_as_one_with_the_same_global_batch(two_ranks, sampler_kind):
-    reference = train_tiny(sampler_kind)["state"]
+def test_two_processes_train_the_same_weights_as_one_with_the_same_global_batch(two_ranks):
+    reference = train_tiny()["state"]
     initial = tiny_model().state_dict()
     assert not torch.equal(reference["7.weight"], initial["7.weight"])  # it did train
     for result in two_ranks:
-        state = result["train"][sampler_kind]["state"]
+        state = result["train"]["state"]
         assert set(state) == set(reference)  # unwrapped: no "module." prefixes
         for name, value in reference.items():
             assert (state[name].double() - value.double()).abs().max() <= 1e-5, name
@@ -209,7 +205,7 @@ def test_frozen_parameters_are_not_handed_to_ddp(two_ranks):
     trainable = sum(param.requires_grad for param in tiny_model().parameters())
     assert trainable == 4
     for result in two_ranks:
-        assert result["train"]["shard_sampler"]["ddp_parameter_tensors"] == trainable
+        assert result["train"]["ddp_parameter_tensors"] == trainable
 
 
 @pytest.mark.slow

@@ -11,7 +11,8 @@ from torch import nn
 from visiontune.device import Precision, default_workers, resolve_precision
 from visiontune.training.loops import compute_loss, set_train_mode
 from visiontune.training.schedule import Schedule, build_schedule
-from visiontune.training.setup import EpochSampler, SeededSamples, build_loss
+from visiontune.training.samplers import EpochSampler, SeededSamples
+from visiontune.training.setup import build_loss
 from visiontune.config import config_from_dict
 
 
@@ -163,3 +164,47 @@ def test_interrupt_message_points_to_resume_only_when_there_is_a_checkpoint(tmp_
     assert "nothing to resume" in interrupted_message(str(tmp_path))
     (tmp_path / "last.ckpt").write_bytes(b"x")
     assert f"--resume {tmp_path}" in interrupted_message(str(tmp_path))
+
+
+@pytest.mark.slow
+def test_train_leaves_the_callers_config_as_it_was(tmp_path, monkeypatch):
+    import copy
+
+    from conftest import make_image_folder
+    from visiontune.training.engine import train
+
+    make_image_folder(tmp_path / "data", per_class=4, val_per_class=2)
+    monkeypatch.chdir(tmp_path)
+    # A relative data path, no --out and --lr auto: each used to be rewritten on the caller's object.
+    config = config_from_dict({"data": "data", "model": "timm:test_resnet", "weights": "none",
+                               "strategy": "linear-probe", "epochs": 1, "lr": "auto", "image_size": 32,
+                               "batch_size": 4, "workers": 0, "device": "cpu"})
+    before = copy.deepcopy(config)
+    result = train(config)
+    assert config == before and config.out is None and config.lr == "auto" and config.data == "data"
+    assert (tmp_path / result.run_dir).parent == tmp_path / "runs"  # the default folder, in the working directory
+    saved = (result.run_dir / "config.yaml").read_text()
+    assert str(tmp_path / "data") in saved and "lr: auto" not in saved  # the run itself saved the resolved copy
+
+
+@pytest.mark.slow
+def test_an_interrupt_names_the_default_run_folder_to_resume(tmp_path, monkeypatch, capsys):
+    from conftest import make_image_folder
+    from visiontune.cli import main
+    from visiontune.commands.train import ConsoleReporter
+
+    make_image_folder(tmp_path / "data", per_class=2, val_per_class=1)
+    monkeypatch.chdir(tmp_path)
+    ends = []
+
+    def interrupt_after_epoch_1(self, row):
+        ends.append(row)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ConsoleReporter, "end_epoch", interrupt_after_epoch_1)
+    # No --out: train() chooses runs/<model>-<time> on its own copy of the config, and says which.
+    assert main(["train", "--data", "data", "--model", "timm:test_resnet", "--weights", "none", "--image-size", "32",
+                 "--batch-size", "4", "--workers", "0", "--device", "cpu", "--epochs", "2", "--quiet"]) == 130
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert len(ends) == 1 and (run_dir / "last.ckpt").is_file()
+    assert f"--resume runs/{run_dir.name}" in capsys.readouterr().err

@@ -138,6 +138,57 @@ def test_stops_at_a_non_finite_loss():
     assert result.diverged and len(result.lrs) == 2
 
 
+def test_takes_the_training_steps_own_clipping_and_batch_mixing():
+    model = _tiny_classifier()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    norms, mixed = [], []
+    optimizer.register_step_pre_hook(lambda opt, *_: norms.append(
+        torch.cat([p.grad.flatten() for group in opt.param_groups for p in group["params"]]).norm().item()))
+
+    def mixer(images, targets):
+        mixed.append(len(targets))
+        return images, nn.functional.one_hot(targets, 3).float()
+
+    lr_find(model, _classification_batches(), optimizer, nn.functional.cross_entropy, "cpu", num_steps=10,
+            diverge_factor=1e9, grad_clip=1e-4, batch_mixer=mixer)
+    assert mixed == [8] * 10 and len(norms) == 10
+    # clip_grad_norm_ scales to limit / (norm + 1e-6): at most the limit, up to float32 rounding (1e-6 relative).
+    assert max(norms) <= 1e-4 * (1 + 1e-5)
+
+
+def test_runs_the_forward_pass_under_the_runs_precision(monkeypatch):
+    import visiontune.training.loops as loops
+    from visiontune.device import Precision
+
+    dtypes = []
+    real_autocast = loops.autocast
+
+    def recording_autocast(device, precision):
+        dtypes.append(precision.dtype)
+        return real_autocast(device, precision)
+
+    monkeypatch.setattr(loops, "autocast", recording_autocast)
+    model = _tiny_classifier()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    result = lr_find(model, _classification_batches(), optimizer, nn.functional.cross_entropy, "cpu", num_steps=5,
+                     precision=Precision(torch.bfloat16), diverge_factor=1e9)
+    assert dtypes == [torch.bfloat16] * 5 and len(result.lrs) == 5
+
+
+def test_fp16_steps_through_a_gradient_scaler_of_its_own_and_restores_exactly():
+    from visiontune.device import Precision
+
+    model = _tiny_classifier()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    before_model, before_optimizer = _snapshot(model, optimizer)
+    result = lr_find(model, _classification_batches(), optimizer, nn.functional.cross_entropy, "cpu", num_steps=8,
+                     precision=Precision(torch.float16), diverge_factor=1e9)
+    assert len(result.lrs) == 8 and all(math.isfinite(loss) for loss in result.losses)
+    after_model, after_optimizer = _snapshot(model, optimizer)
+    _assert_same(before_model, after_model, "model")
+    _assert_same(before_optimizer, after_optimizer, "optimizer")
+
+
 def test_valley_is_the_middle_of_the_longest_decreasing_stretch():
     lrs = [10.0**k for k in range(12)]
     losses = [5, 6, 5, 4, 3, 2, 1, 0.5, 3, 9, 20, 50]  # decreasing from index 1 to 7

@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _EXPORTS = {
-    # model building and surgery (issue: foundation)
+    # model building and surgery
     "create_model": "visiontune.model.create",
     "list_models": "visiontune.model.create",
     "resolve_preprocessing": "visiontune.model.create",

@@ -279,11 +279,13 @@ def _flag(name: str) -> str:
     return name.replace("_", "-")
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field. Defaults are suppressed so that only the flags a user
-    typed reach :func:`config_from_args`, which lets a YAML file supply the rest."""
+def add_config_arguments(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
+    """One flag per TrainConfig field (but the fields in ``exclude``). Defaults are suppressed so
+    that only the flags a user typed reach :func:`config_from_args`, which lets a YAML file supply the rest."""
     hints = typing.get_type_hints(TrainConfig)
     for spec in config_fields():
+        if spec.name in exclude:
+            continue
         meta = spec.metadata
         default = spec.default
         help_text = meta["help"] + ("" if default in (None, False) else f" (default: {default})")

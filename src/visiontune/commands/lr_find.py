@@ -6,9 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from visiontune.config import add_config_arguments
-
-PLACEHOLDER_LR = 1e-3  # optimizer groups are built at this --lr; the test scales them together
+from visiontune.config import add_config_arguments, config_from_args
+from visiontune.errors import ConfigError
 
 
 def register(subparsers) -> None:
@@ -21,10 +20,11 @@ def register(subparsers) -> None:
         "--lr: the head's rate keeps its ratio to it (10x unless --head-lr). Writes OUT/lr_find.png and "
         "OUT/lr_find.json.",
     )
-    add_config_arguments(parser)  # the same model/strategy/data flags as train
-    for action in parser._actions:  # ... except that --out names where the plot goes, not a run folder
-        if action.dest == "out":
-            action.help, action.metavar = "folder for lr_find.png and lr_find.json (default: .)", "DIR"
+    # The same model/strategy/data flags as train, except --out: no run folder is made, so it
+    # names where the plot goes instead.
+    add_config_arguments(parser, exclude=("out",))
+    parser.add_argument("--out", dest="plot_dir", metavar="DIR",
+                        help="folder for lr_find.png and lr_find.json (default: .)")
     parser.add_argument("--config", dest="config_file", metavar="FILE.yaml", help="YAML file of TrainConfig keys")
     parser.add_argument("--steps", type=int, default=100, metavar="N", help="most steps to run (default: 100)")
     parser.add_argument("--start-lr", type=float, default=1e-7, metavar="LR", help="first rate (default: 1e-7)")
@@ -33,9 +33,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from visiontune.config import config_from_args
-    from visiontune.errors import ConfigError
-    from visiontune.training.lr_finder import lr_find, plot_lr_find
+    # Deferred: torch and the training stack load only when the command runs, not for --help.
+    from visiontune.training.lr_finder import REFERENCE_LR, lr_find_for_setup, plot_lr_find
     from visiontune.training.setup import build_training
 
     if args.steps < 2:
@@ -43,14 +42,13 @@ def run(args: argparse.Namespace) -> int:
     if not 0 < args.start_lr < args.end_lr:
         raise ConfigError(f"need 0 < --start-lr < --end-lr, got {args.start_lr:g} and {args.end_lr:g}")
     config = config_from_args(args, args.config_file)
-    out_dir = Path(config.out or ".")
-    config.out = None
+    out_dir = Path(args.plot_dir or config.out or ".")  # a YAML config's out: names the folder too
+    config.out = None  # nothing is trained, so there is no run folder
     if config.lr == "auto":
-        config.lr = PLACEHOLDER_LR
+        config.lr = REFERENCE_LR
     setup = build_training(config)
-    result = lr_find(setup.model, setup.train_loader, setup.optimizer, setup.loss_fn, setup.device,
-                     start_lr=args.start_lr, end_lr=args.end_lr, num_steps=args.steps,
-                     batch_mixer=setup.batch_mixer, reference_lr=float(config.lr))
+    result = lr_find_for_setup(setup, reference_lr=float(config.lr), start_lr=args.start_lr, end_lr=args.end_lr,
+                               num_steps=args.steps)
     out_dir.mkdir(parents=True, exist_ok=True)
     plot = plot_lr_find(result, out_dir / "lr_find.png")
     (out_dir / "lr_find.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")

@@ -46,10 +46,12 @@ def run(args: argparse.Namespace) -> int:
             result = resume(args.resume, overrides=given_config_values(args), reporter=reporter)
         else:
             config = config_from_args(args, args.config_file)
-            result = train(config, overwrite=args.overwrite, reporter=reporter)  # sets config.out if unset
-    except KeyboardInterrupt:
+            result = train(config, overwrite=args.overwrite, reporter=reporter)
+    except KeyboardInterrupt as interrupt:
         reporter.close()
-        print(f"visiontune train: {interrupted_message(args.resume or (config and config.out))}", file=sys.stderr)
+        # An interrupt in the epoch loop names the run folder (also the default one train() chose).
+        run_dir = getattr(interrupt, "run_dir", None) or args.resume or (config and config.out)
+        print(f"visiontune train: {interrupted_message(run_dir and str(run_dir))}", file=sys.stderr)
         return 130
     finally:
         reporter.close()

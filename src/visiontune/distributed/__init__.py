@@ -69,8 +69,6 @@ from visiontune.distributed.launch import launch_local, parse_torchrun_arguments
 from visiontune.distributed.sharding import (
     ShardedSampler,
     make_eval_sampler,
-    make_train_sampler,
-    set_sampler_epoch,
     shard_batches,
     shard_dataset,
     shard_sampler,
@@ -81,8 +79,7 @@ __all__ = [
     "all_reduce_sum", "barrier", "broadcast_object", "convert_sync_batchnorm", "ddp_view", "device_for_rank",
     "has_trainable_batchnorm", "init_from_env", "interleave_shards", "is_distributed",
     "is_main_process", "launch_local", "launched_by_torchrun", "local_rank", "local_world_size", "main_process_first",
-    "make_eval_sampler", "make_train_sampler", "on_main_process", "parse_torchrun_arguments", "per_process_batch_size",
-    "rank", "session",
-    "set_sampler_epoch", "shard_batches", "shard_dataset", "shard_sampler", "shutdown", "strip_nproc", "sum_over_processes",
+    "make_eval_sampler", "on_main_process", "parse_torchrun_arguments", "per_process_batch_size", "rank", "session",
+    "shard_batches", "shard_dataset", "shard_sampler", "shutdown", "strip_nproc", "sum_over_processes",
     "sync_buffers_from_main", "torchrun_arguments", "unwrap", "world_size", "wrap_ddp",
 ]

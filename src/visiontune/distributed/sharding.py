@@ -6,21 +6,9 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 
-from torch.utils.data import Dataset, DistributedSampler, Sampler, Subset
+from torch.utils.data import Dataset, Sampler, Subset
 
 from visiontune.distributed.group import rank, world_size
-
-
-def make_train_sampler(dataset, seed: int, shuffle: bool = True, drop_last: bool = False) -> DistributedSampler:
-    """This process's share of the training set, reshuffled each epoch from ``seed`` (for loops
-    without their own seeded sampler; the engine shards its EpochSampler with :func:`shard_sampler`).
-
-    Call ``sampler.set_epoch(epoch)`` at the start of every epoch (else every epoch repeats the
-    first one's order). Shards are padded to equal length, so every rank takes the same number
-    of steps, which DDP needs. Pass ``shuffle=False`` to the DataLoader: the sampler shuffles.
-    """
-    return DistributedSampler(dataset, num_replicas=world_size(), rank=rank(), shuffle=shuffle, seed=seed,
-                              drop_last=drop_last)
 
 
 class ShardedSampler(Sampler):
@@ -89,9 +77,3 @@ def shard_dataset(dataset: Dataset) -> Dataset:
         return dataset
     return Subset(dataset, list(make_eval_sampler(dataset)))
 
-
-def set_sampler_epoch(loader, epoch: int) -> None:
-    """Reshuffle a loader whose sampler is epoch-aware (DistributedSampler); others are left alone."""
-    sampler = getattr(loader, "sampler", None)
-    if hasattr(sampler, "set_epoch"):
-        sampler.set_epoch(epoch)

@@ -5,8 +5,9 @@
 ``val_predictions.csv``, ``curves.png``, ``confusion.png`` and ``tensorboard/``.
 
 ``last.ckpt`` holds everything needed to continue bit for bit (model, optimizer, epoch, step,
-phase, RNG states, config, history) and loads with ``torch.load(weights_only=True)``: it holds
-only tensors and plain Python values, no numpy arrays or pickled objects.
+phase, RNG states, config, history; its layout is :mod:`visiontune.training.state`'s) and loads
+with ``torch.load(weights_only=True)``: it holds only tensors and plain Python values, no numpy
+arrays or pickled objects. This module writes and reads the file; the training state reads its fields.
 
 Only the main process writes (:func:`visiontune.distributed.is_main_process`), so distributed
 training can call the same functions from every rank.
@@ -183,17 +184,20 @@ def restore_rng_state(state: dict) -> None:
     random.setstate((version, tuple(internal), gauss_next))
 
 
-def save_training_state(run_dir: Path, state: dict) -> None:
-    """Write last.ckpt atomically: an interruption leaves the previous complete checkpoint."""
+def save_training_state(run_dir: Path, checkpoint: dict) -> None:
+    """Write last.ckpt (``TrainingState.to_checkpoint()``) atomically: an interruption leaves the
+    previous complete checkpoint."""
     if not is_main_process():
         return
     from visiontune.checkpoint import atomic_write
 
     with atomic_write(run_dir / LAST_CHECKPOINT) as temporary:
-        torch.save(state, temporary)
+        torch.save(checkpoint, temporary)
 
 
 def load_training_state(run_dir: str | Path) -> dict:
+    """last.ckpt as a dict, for ``TrainingState.from_checkpoint()`` (which checks its format) or
+    for its ``"model"`` weights; a missing, damaged or foreign file is a one-line CheckpointError."""
     path = Path(run_dir) / LAST_CHECKPOINT
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist; --resume needs a run folder written by 'visiontune train'")

@@ -4,11 +4,13 @@ continues one; :func:`fit` is the epoch loop between them.
 The story is linear, as in torchvision's reference script: config -> :func:`build_training`
 (data, model, optimizer) -> resume state if any -> epoch loop (phase switch, train, evaluate,
 keep the best weights, save ``last.ckpt``) -> final evaluation of the best model -> report.
-Everything that must survive an interruption is in one state dict written each epoch.
+Everything that must survive an interruption is one :class:`~visiontune.training.state.TrainingState`
+plus the live objects' states, written to ``last.ckpt`` each epoch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,21 +20,32 @@ import torch
 
 from visiontune import distributed
 from visiontune.config import TrainConfig, config_from_dict, validate
+from visiontune.device import out_of_memory_error
 from visiontune.errors import ConfigError
+from visiontune.run.folder import (LAST_CHECKPOINT, capture_rng_state, check_run_dir, default_run_dir,
+                                   load_training_state, prepare_run_dir, restore_rng_state, save_best_weights,
+                                   save_training_state, write_metrics_csv, write_run_header)
+from visiontune.training.final_artifacts import TensorBoardLog, write_final_artifacts
 from visiontune.training.loops import EpochStats, NonFiniteLossError, evaluate, require_finite, train_one_epoch
-from visiontune.run.folder import (capture_rng_state, check_run_dir, default_run_dir, load_training_state, prepare_run_dir,
-                            restore_rng_state, save_best_weights, save_training_state, write_metrics_csv,
-                            write_run_header)
+from visiontune.training.lr_finder import REFERENCE_LR, lr_find_for_setup
+from visiontune.training.phase_inputs import PhaseInputs
 from visiontune.training.schedule import build_schedule
-from visiontune.training.strategies import apply_phase, build_optimizer, describe_groups, phase_index_for_epoch
 from visiontune.training.setup import TrainingSetup, build_training, is_weights_file
+from visiontune.training.state import ResumePoint, TrainingState
+from visiontune.training.strategies import apply_phase, build_optimizer, describe_groups, phase_index_for_epoch
 
 log = logging.getLogger(__name__)
 
-STATE_FORMAT = 1
 # Settings that may change when resuming: where and how fast it runs, and how long or patient it is.
 RESUME_OVERRIDABLE = ("epochs", "patience", "workers", "device")
-LR_FINDER_REFERENCE = 1e-3  # --lr auto: the backbone rate the optimizer is built at while the finder runs
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGINT) during the epoch loop; ``run_dir`` is the folder ``--resume`` continues."""
+
+    def __init__(self, run_dir: Path):
+        super().__init__(str(run_dir))
+        self.run_dir = run_dir
 
 
 class Reporter(Protocol):
@@ -73,7 +86,9 @@ class TrainResult:
 
 
 def train(config: TrainConfig, *, overwrite: bool = False, reporter: Reporter | None = None) -> TrainResult:
-    """Fine-tune ``config.model`` on ``config.data`` into the run folder ``config.out``.
+    """Fine-tune ``config.model`` on ``config.data`` into the run folder ``config.out``
+    (default: ``runs/<model>-<timestamp>``, in ``TrainResult.run_dir``). ``config`` itself is left
+    as it was: the run works on a resolved copy, which it saves as the run's config.yaml.
 
     Under torchrun every process calls this, and they form one process group for the call."""
     with distributed.session():
@@ -81,7 +96,7 @@ def train(config: TrainConfig, *, overwrite: bool = False, reporter: Reporter | 
 
 
 def _train(config: TrainConfig, *, overwrite: bool, reporter: Reporter | None) -> TrainResult:
-    config = validate(config)
+    config = validate(dataclasses.replace(config))  # validate() coerces in place: the caller's object stays
     if config.out is None:
         config.out = distributed.broadcast_object(str(default_run_dir(config.model)))  # rank 0's timestamp
     # Absolute paths in the saved config, so that --resume works from any directory.
@@ -94,14 +109,13 @@ def _train(config: TrainConfig, *, overwrite: bool, reporter: Reporter | None) -
     distributed.on_main_process(check_run_dir, run_dir, overwrite=overwrite)
     auto_lr = config.lr == "auto"
     if auto_lr:
-        config.lr = LR_FINDER_REFERENCE  # the groups are built at this rate; the finder scales them together
+        config.lr = REFERENCE_LR  # the groups are built at this rate; the finder scales them together
     setup = build_training(config)
     if auto_lr:
         _apply_lr_finder(setup)
     distributed.on_main_process(prepare_run_dir, run_dir, overwrite=overwrite)
     write_run_header(run_dir, setup.config, setup.classes, setup.preprocessing)
-    state = _fresh_state(setup)
-    return fit(setup, state, run_dir, reporter or LogReporter())
+    return fit(setup, TrainingState(), run_dir, reporter or LogReporter())
 
 
 def resume(run_dir: str | Path, *, overrides: dict | None = None, reporter: Reporter | None = None) -> TrainResult:
@@ -112,32 +126,24 @@ def resume(run_dir: str | Path, *, overrides: dict | None = None, reporter: Repo
 
 def _resume(run_dir: Path, *, overrides: dict | None, reporter: Reporter | None) -> TrainResult:
     # The main process reads last.ckpt first, so a missing or broken one stops every process alike.
-    state = distributed.main_process_first(load_training_state, run_dir)
-    if state.get("format") != STATE_FORMAT:
-        raise ConfigError(f"{run_dir / 'last.ckpt'} was written by an incompatible visiontune version")
+    checkpoint = distributed.main_process_first(load_training_state, run_dir)
+    state, saved = TrainingState.from_checkpoint(checkpoint, run_dir / LAST_CHECKPOINT)
     overrides = dict(overrides or {})
     refused = sorted(set(overrides) - set(RESUME_OVERRIDABLE))
     if refused:
         raise ConfigError(f"--resume continues with the run's saved configuration; only "
                           f"{', '.join(RESUME_OVERRIDABLE)} may change (got {', '.join(refused)}); "
                           "start a new run to change the others")
-    config = config_from_dict({**state["config"], **overrides})
+    config = config_from_dict({**saved.config, **overrides})
     config.out = str(run_dir)
     setup = build_training(config)
-    if state["phase"] != 0:
-        _enter_phase(setup, state["phase"])
-    setup.model.load_state_dict(state["model"])
-    setup.optimizer.load_state_dict(state["optimizer"])
-    restore_rng_state(state["rng"])
-    state["config"] = config.to_dict()
-    log.info("resuming %s after epoch %d of %d", run_dir, state["epoch"], config.epochs)
-    return fit(setup, state, run_dir, reporter or LogReporter())
-
-
-def _fresh_state(setup: TrainingSetup) -> dict:
-    return {"format": STATE_FORMAT, "epoch": 0, "step": 0, "phase": 0, "phase_start_step": 0,
-            "best_accuracy": -1.0, "best_epoch": 0, "epochs_without_improvement": 0, "history": [],
-            "train_seconds": 0.0, "config": setup.config.to_dict()}
+    if state.phase != 0:
+        _enter_phase(setup, state.phase)
+    setup.model.load_state_dict(saved.model)
+    setup.optimizer.load_state_dict(saved.optimizer)
+    restore_rng_state(saved.rng)
+    log.info("resuming %s after epoch %d of %d", run_dir, state.epoch, config.epochs)
+    return fit(setup, state, run_dir, reporter or LogReporter(), scaler_state=saved.scaler)
 
 
 def _enter_phase(setup: TrainingSetup, phase_index: int) -> None:
@@ -147,30 +153,29 @@ def _enter_phase(setup: TrainingSetup, phase_index: int) -> None:
     log.info("phase %s: %s", phase.name, describe_groups(setup.optimizer))
 
 
-def fit(setup: TrainingSetup, state: dict, run_dir: Path, reporter: Reporter) -> TrainResult:
-    """Run the remaining epochs of ``state``, then evaluate the best model and write the report."""
-    from visiontune.training.final_artifacts import TensorBoardLog, write_final_artifacts
-    from visiontune.training.phase_inputs import PhaseInputs
-
+def fit(setup: TrainingSetup, state: TrainingState, run_dir: Path, reporter: Reporter, *,
+        scaler_state: dict | None = None) -> TrainResult:
+    """Run the remaining epochs of ``state`` (advancing it), then evaluate the best model and write
+    the report. ``scaler_state`` is a resumed run's saved GradScaler state (fp16 only)."""
     config, model = setup.config, setup.model
     steps_per_epoch = len(setup.train_loader)
-    scaler = torch.amp.GradScaler(setup.device.type) if setup.precision.needs_scaler else None
-    if scaler is not None and "scaler" in state:
-        scaler.load_state_dict(state["scaler"])
+    scaler = make_scaler(setup)
+    if scaler is not None and scaler_state is not None:
+        scaler.load_state_dict(scaler_state)
     tensorboard = TensorBoardLog(run_dir)
     # Which model and loaders each epoch uses: a phase that trains only the head on a frozen
     # backbone trains it on features computed once (visiontune.features.extract).
     phase_inputs = PhaseInputs(setup)
     # Recomputed rather than read back, so a resume with a larger --patience can continue.
-    stopped_early = 0 < config.patience <= state["epochs_without_improvement"]
+    stopped_early = 0 < config.patience <= state.epochs_without_improvement
     try:
-        while state["epoch"] < config.epochs and not stopped_early:
-            epoch = state["epoch"]
+        while state.epoch < config.epochs and not stopped_early:
+            epoch = state.epoch
             phase_index = phase_index_for_epoch(setup.phases, epoch)
-            if phase_index != state["phase"]:
+            if phase_index != state.phase:
                 # New phase: new trainable set, fresh optimizer and a new warmup+cosine.
                 _enter_phase(setup, phase_index)
-                state["phase"], state["phase_start_step"] = phase_index, state["step"]
+                state.phase, state.phase_start_step = phase_index, state.step
             phase = setup.phases[phase_index]
             schedule = build_schedule(steps_per_epoch, phase.epochs, config.warmup_epochs)
             reporter.start_epoch(epoch + 1, config.epochs, steps_per_epoch, phase.name)
@@ -178,66 +183,64 @@ def fit(setup: TrainingSetup, state: dict, run_dir: Path, reporter: Reporter) ->
             stats = train_one_epoch(
                 distributed.ddp_view(inputs.model, setup.device),  # DDP under torchrun, else the model itself
                 inputs.train_loader, setup.optimizer, setup.loss_fn, setup.device,
-                schedule=schedule, first_step=state["step"] - state["phase_start_step"],
+                schedule=schedule, first_step=state.step - state.phase_start_step,
                 precision=setup.precision, scaler=scaler, batch_mixer=setup.batch_mixer,
                 grad_clip=config.grad_clip, on_batch=reporter.advance)
             distributed.sync_buffers_from_main(model)  # BN statistics: every process evaluates rank 0's model
             evaluation = evaluate(inputs.model, inputs.val_loader, setup.device, setup.classes,
                                   precision=setup.precision)
             require_finite(evaluation.metrics["loss"], "validation loss")  # before anything is saved
-            state.setdefault("feature_cache", {}).update(phase_inputs.plans)  # phase -> cache plan, for the report
+            state.feature_cache.update(phase_inputs.plans)
             row = _metrics_row(epoch + 1, phase.name, stats, evaluation.metrics, evaluation.seconds)
-            state["step"] += stats.steps
-            state["epoch"] = epoch + 1
-            state["train_seconds"] += stats.seconds + evaluation.seconds
-            state["history"].append(row)
-            if evaluation.metrics["accuracy"] > state["best_accuracy"]:
-                state["best_accuracy"], state["best_epoch"] = evaluation.metrics["accuracy"], epoch + 1
-                state["epochs_without_improvement"] = 0
+            state.step += stats.steps
+            state.epoch = epoch + 1
+            state.train_seconds += stats.seconds + evaluation.seconds
+            state.history.append(row)
+            if evaluation.metrics["accuracy"] > state.best_accuracy:
+                state.best_accuracy, state.best_epoch = evaluation.metrics["accuracy"], epoch + 1
+                state.epochs_without_improvement = 0
                 save_best_weights(run_dir, model)
             else:
-                state["epochs_without_improvement"] += 1
-            stopped_early = 0 < config.patience <= state["epochs_without_improvement"]
-            state["stopped_early"] = stopped_early
+                state.epochs_without_improvement += 1
+            stopped_early = 0 < config.patience <= state.epochs_without_improvement
+            state.stopped_early = stopped_early
             _save_state(run_dir, state, setup, scaler)
-            write_metrics_csv(run_dir, state["history"])
+            write_metrics_csv(run_dir, state.history)
             tensorboard.add_row(row)
             distributed.barrier()  # the checkpoints are complete before any process reads them
             reporter.end_epoch(row)
     except NonFiniteLossError as error:
-        kept = (f"{run_dir}/last.ckpt and best.safetensors keep epoch {state['epoch']}, the last good one"
-                if state["epoch"] else "no epoch finished, so nothing was saved")
-        raise NonFiniteLossError(f"epoch {state['epoch'] + 1}: {error}; {kept}") from None
+        kept = (f"{run_dir}/last.ckpt and best.safetensors keep epoch {state.epoch}, the last good one"
+                if state.epoch else "no epoch finished, so nothing was saved")
+        raise NonFiniteLossError(f"epoch {state.epoch + 1}: {error}; {kept}") from None
     except torch.cuda.OutOfMemoryError as error:
-        from visiontune.device import out_of_memory_error
-
         raise out_of_memory_error(error, config.batch_size) from None
     except KeyboardInterrupt:
         log.warning("interrupted; %s/last.ckpt holds epoch %d, continue with: visiontune train --resume %s",
-                    run_dir, state["epoch"], run_dir)
-        raise
+                    run_dir, state.epoch, run_dir)
+        raise TrainingInterrupted(run_dir) from None
     finally:
         tensorboard.close()
     if stopped_early:
         log.info("stopped early after epoch %d: no better validation accuracy for %d epochs",
-                 state["epoch"], config.patience)
+                 state.epoch, config.patience)
     metrics = write_final_artifacts(setup, state, run_dir)
     distributed.barrier()  # the run folder is complete when any process returns
-    return TrainResult(run_dir=run_dir, best_accuracy=state["best_accuracy"], best_epoch=state["best_epoch"],
-                       epochs_completed=state["epoch"], stopped_early=stopped_early, metrics=metrics,
-                       history=list(state["history"]), model=model)
+    return TrainResult(run_dir=run_dir, best_accuracy=state.best_accuracy, best_epoch=state.best_epoch,
+                       epochs_completed=state.epoch, stopped_early=stopped_early, metrics=metrics,
+                       history=list(state.history), model=model)
 
 
-def _save_state(run_dir: Path, state: dict, setup: TrainingSetup, scaler) -> None:
-    state["model"] = setup.model.state_dict()
-    state["optimizer"] = setup.optimizer.state_dict()
-    state["scheduler"] = {"phase": state["phase"], "phase_start_step": state["phase_start_step"],
-                          "step": state["step"]}  # the schedule itself is a pure function of the step
-    state["rng"] = capture_rng_state()
-    state["config"] = setup.config.to_dict()
-    if scaler is not None:
-        state["scaler"] = scaler.state_dict()
-    save_training_state(run_dir, state)
+def make_scaler(setup: TrainingSetup) -> torch.amp.GradScaler | None:
+    """fp16 needs loss scaling (its gradients underflow otherwise); bf16 and fp32 do not."""
+    return torch.amp.GradScaler(setup.device.type) if setup.precision.needs_scaler else None
+
+
+def _save_state(run_dir: Path, state: TrainingState, setup: TrainingSetup, scaler) -> None:
+    resume_point = ResumePoint(config=setup.config.to_dict(), model=setup.model.state_dict(),
+                               optimizer=setup.optimizer.state_dict(), rng=capture_rng_state(),
+                               scaler=None if scaler is None else scaler.state_dict())
+    save_training_state(run_dir, state.to_checkpoint(resume_point))
 
 
 def _metrics_row(epoch: int, phase: str, stats: EpochStats, val: dict, val_seconds: float) -> dict:
@@ -249,11 +252,8 @@ def _metrics_row(epoch: int, phase: str, stats: EpochStats, val: dict, val_secon
 
 def _apply_lr_finder(setup: TrainingSetup) -> None:
     """``--lr auto``: run the range test with the run's own optimizer and use its suggestion."""
-    from visiontune.training.lr_finder import lr_find
-
     config = setup.config
-    result = lr_find(setup.model, setup.train_loader, setup.optimizer, setup.loss_fn, setup.device,
-                     batch_mixer=setup.batch_mixer, reference_lr=LR_FINDER_REFERENCE)
+    result = lr_find_for_setup(setup, reference_lr=REFERENCE_LR)
     if result.suggestion is None:
         raise ConfigError("--lr auto: the LR finder found no usable learning rate; give --lr explicitly")
     config.lr = distributed.broadcast_object(float(result.suggestion))  # one rate for every process

@@ -17,6 +17,7 @@ from visiontune.run.folder import (BEST_WEIGHTS, CONFUSION_FILE, CURVES_FILE, RE
                             write_json, write_metrics_csv, write_val_predictions)
 from visiontune.training.strategies import describe_groups
 from visiontune.training.setup import TrainingSetup
+from visiontune.training.state import TrainingState
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ def load_best_weights(setup: TrainingSetup, run_dir: Path) -> None:
         setup.model.load_state_dict(load_file(str(path), device=str(setup.device)))
 
 
-def write_final_artifacts(setup: TrainingSetup, state: dict, run_dir: Path) -> dict:
+def write_final_artifacts(setup: TrainingSetup, state: TrainingState, run_dir: Path) -> dict:
     """Evaluate the best weights on the validation set and write val_predictions.csv, report.json,
     metrics.csv, curves.png, confusion.png and report.html. Returns the final metrics."""
     load_best_weights(setup, run_dir)
@@ -69,28 +70,28 @@ def write_final_artifacts(setup: TrainingSetup, state: dict, run_dir: Path) -> d
          "confidence": f"{confidence:.6f}", "loss": f"{loss:.6f}"}
         for sample, (label, predicted, confidence, loss) in zip(setup.val_samples, evaluation.predictions)
     ])
-    write_metrics_csv(run_dir, state["history"])
+    write_metrics_csv(run_dir, state.history)
     write_json(run_dir / REPORT_FILE, _report(setup, state, evaluation.metrics, evaluation.seconds))
-    _plot(state["history"], evaluation.metrics["confusion"], classes, run_dir)
+    _plot(state.history, evaluation.metrics["confusion"], classes, run_dir)
     write_report(run_dir)  # report.html: reads back what was just written
     return evaluation.metrics
 
 
-def _report(setup: TrainingSetup, state: dict, metrics: dict, eval_seconds: float) -> dict:
-    epochs = state["history"]
+def _report(setup: TrainingSetup, state: TrainingState, metrics: dict, eval_seconds: float) -> dict:
+    epochs = state.history
     return {
         "model": setup.config.model,
         "weights": setup.config.weights,
         "strategy": setup.config.strategy,
         "classes": setup.classes,
-        "epochs_completed": state["epoch"],
+        "epochs_completed": state.epoch,
         "epochs_planned": setup.config.epochs,
-        "stopped_early": bool(state.get("stopped_early", False)),
-        "best_epoch": state["best_epoch"],
-        "best_val_accuracy": state["best_accuracy"],
+        "stopped_early": state.stopped_early,
+        "best_epoch": state.best_epoch,
+        "best_val_accuracy": state.best_accuracy,
         "final": metrics,  # the best weights evaluated once more on the validation set
         "timings": {
-            "train_and_val_seconds": state["train_seconds"],
+            "train_and_val_seconds": state.train_seconds,
             "final_eval_seconds": eval_seconds,
             "mean_images_per_s": sum(row["images_per_s"] for row in epochs) / len(epochs) if epochs else 0.0,
             "per_epoch_seconds": [row["seconds"] for row in epochs],
@@ -98,7 +99,7 @@ def _report(setup: TrainingSetup, state: dict, metrics: dict, eval_seconds: floa
         "data": setup.split_info,
         "bad_files": [{"path": path, "reason": reason} for path, reason in setup.bad_files],
         "weights_load_report": setup.load_report,
-        "feature_cache": state.get("feature_cache"),  # which phases trained the head on cached features, and why
+        "feature_cache": state.feature_cache,  # which phases trained the head on cached features, and why
         "param_groups": describe_groups(setup.optimizer),
         "environment": {"device": str(setup.device), "precision": setup.precision.name,
                         "torch": torch.__version__, "python": platform.python_version(),

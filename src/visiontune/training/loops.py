@@ -66,6 +66,47 @@ def compute_loss(outputs, targets: torch.Tensor, loss_fn: Callable) -> torch.Ten
     return loss
 
 
+def train_step(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: Callable,
+    *,
+    precision: Precision = Precision(None),
+    scaler: torch.amp.GradScaler | None = None,
+    batch_mixer: Callable | None = None,
+    grad_clip: float = 0.0,
+) -> tuple[torch.Tensor, object]:
+    """One optimiser step on one batch already on the device, at the optimizer's current rates:
+    mix the batch (mixup/cutmix), forward under autocast, loss (auxiliary heads included),
+    backward through the fp16 gradient scaler, clip, step.
+
+    Training and the LR finder both take their steps here, so the finder sees the loss training
+    will. Returns the (detached) loss and the model's outputs."""
+    targets = labels
+    if batch_mixer is not None:
+        images, targets = batch_mixer(images, labels)
+    with autocast(images.device, precision):
+        outputs = model(images)
+        loss = compute_loss(outputs, targets, loss_fn)
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)  # clipping below must see the true gradients
+    else:
+        loss.backward()
+    if grad_clip > 0:
+        trainable = [p for group in optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return loss.detach(), outputs
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: Iterable,
@@ -89,33 +130,15 @@ def train_one_epoch(
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     images_seen, steps, lr = 0, 0, 0.0
-    trainable = [p for group in optimizer.param_groups for p in group["params"]]
     for images, labels in loader:
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
-        targets = labels
-        if batch_mixer is not None:
-            images, targets = batch_mixer(images, labels)
         set_learning_rates(optimizer, schedule, first_step + steps)
         lr = optimizer.param_groups[0]["lr"]
-        with autocast(device, precision):
-            outputs = model(images)
-            loss = compute_loss(outputs, targets, loss_fn)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-        else:
-            loss.backward()
-        if grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        loss, outputs = train_step(model, images, labels, optimizer, loss_fn, precision=precision, scaler=scaler,
+                                   batch_mixer=batch_mixer, grad_clip=grad_clip)
         batch = labels.shape[0]
-        loss_sum += loss.detach().double() * batch
+        loss_sum += loss.double() * batch
         correct += (main_logits(outputs).detach().argmax(dim=1) == labels).sum()
         images_seen += batch
         steps += 1

@@ -14,6 +14,10 @@ the better pick, but on a clean curve whose loss falls from the very first step 
 problem) the stretch starts at ``start_lr`` and it lands decades too low, while min/10 stays within
 a decade or two below the largest stable rate (see tests/test_lr_finder.py). "Steepest slope" was
 rejected: with the smoothing lag, one noisy early step can move it by five decades.
+
+Each step is the training loop's own :func:`~visiontune.training.loops.train_step` (autocast,
+fp16 gradient scaler, clipping, mixup/cutmix), as fastai's finder is a callback on the real fit:
+only the learning rates differ from training.
 """
 
 from __future__ import annotations
@@ -23,12 +27,15 @@ import logging
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from visiontune.training.loops import compute_loss, set_train_mode
+from visiontune.device import Precision
+from visiontune.training.loops import set_train_mode, train_step
+from visiontune.training.setup import TrainingSetup
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +43,9 @@ log = logging.getLogger(__name__)
 # loss has not warmed up, at the end it is diverging (fastai skips num_steps // 10 and 5).
 _SKIP_END = 5
 _MIN_POINTS_FOR_VALLEY = 5
+# --lr auto and 'visiontune lr-find' without --lr build the optimizer's groups at this backbone rate;
+# the test scales every group together, so only the groups' ratios to it matter, not its value.
+REFERENCE_LR = 1e-3
 
 
 @dataclass
@@ -65,6 +75,8 @@ def lr_find(
     diverge_factor: float = 4.0,
     batch_mixer: Callable | None = None,
     reference_lr: float | None = None,
+    precision: Precision = Precision(None),
+    grad_clip: float = 0.0,
 ) -> LRFindResult:
     """Run the range test and restore ``model`` and ``optimizer`` exactly afterwards.
 
@@ -72,7 +84,8 @@ def lr_find(
     ratio to ``reference_lr`` (default: the largest group rate, i.e. the head's), and the rates
     reported and suggested are values for ``reference_lr``, i.e. for ``--lr``.
     ``loader`` yields ``(images, targets)`` and is cycled if shorter than ``num_steps``;
-    ``batch_mixer(images, targets) -> (images, targets)`` applies mixup/cutmix as training would.
+    ``batch_mixer(images, targets) -> (images, targets)`` applies mixup/cutmix, ``precision`` and
+    ``grad_clip`` autocast and clip, as training would (fp16 gets a gradient scaler of its own).
     """
     if not 0 < start_lr < end_lr:
         raise ValueError(f"need 0 < start_lr < end_lr, got start_lr={start_lr}, end_lr={end_lr}")
@@ -87,10 +100,13 @@ def lr_find(
     # Dropout and mixup draw from the global RNG: restore it, so that training after the test runs
     # exactly as a run started with the suggested rate would.
     saved_rng = torch.get_rng_state(), (torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    device = torch.device(device)
+    # A scaler of its own, thrown away afterwards: training starts with a fresh one, as without the test.
+    step = partial(train_step, optimizer=optimizer, loss_fn=loss_fn, precision=precision, batch_mixer=batch_mixer,
+                   grad_clip=grad_clip, scaler=torch.amp.GradScaler(device.type) if precision.needs_scaler else None)
     try:
-        lrs, losses, diverged = _range_test(model, loader, optimizer, loss_fn, torch.device(device), start_lr,
-                                            end_lr, num_steps, smooth, diverge_factor, batch_mixer,
-                                            reference_lr)
+        lrs, losses, diverged = _range_test(model, loader, optimizer, step, device, start_lr, end_lr, num_steps,
+                                            smooth, diverge_factor, reference_lr)
     finally:
         model.load_state_dict(saved_model)
         optimizer.load_state_dict(saved_optimizer)
@@ -106,42 +122,45 @@ def lr_find(
     return LRFindResult(lrs, losses, suggestion, valley_lr, diverged)
 
 
-def _range_test(model, loader, optimizer, loss_fn, device, start_lr, end_lr, num_steps, smooth, diverge_factor,
-                batch_mixer, reference_lr) -> tuple[list[float], list[float], bool]:
+def lr_find_for_setup(setup: TrainingSetup, *, reference_lr: float, **options) -> LRFindResult:
+    """:func:`lr_find` on a run's first-phase model, optimizer, data, loss, precision, batch
+    mixing and clipping; ``options`` are lr_find's range settings (start_lr, end_lr, num_steps)."""
+    return lr_find(setup.model, setup.train_loader, setup.optimizer, setup.loss_fn, setup.device,
+                   batch_mixer=setup.batch_mixer, reference_lr=reference_lr, precision=setup.precision,
+                   grad_clip=setup.config.grad_clip, **options)
+
+
+def _range_test(model, loader, optimizer, step, device, start_lr, end_lr, num_steps, smooth, diverge_factor,
+                reference_lr) -> tuple[list[float], list[float], bool]:
     reference = reference_lr or max(group["lr"] for group in optimizer.param_groups)
     ratios = [group["lr"] / reference if reference > 0 else 1.0 for group in optimizer.param_groups]
     growth = (end_lr / start_lr) ** (1.0 / (num_steps - 1))  # per-step multiplier
     set_train_mode(model)  # as training does: frozen BatchNorm layers keep their running statistics
     batches = _cycle(loader)
     try:
-        return _steps(model, batches, optimizer, loss_fn, device, start_lr, growth, ratios, num_steps, smooth,
-                      diverge_factor, batch_mixer)
+        return _steps(model, batches, optimizer, step, device, start_lr, growth, ratios, num_steps, smooth,
+                      diverge_factor)
     finally:
         batches.close()  # shuts a worker-backed loader iterator down now, not at garbage collection
 
 
-def _steps(model, batches, optimizer, loss_fn, device, start_lr, growth, ratios, num_steps, smooth, diverge_factor,
-           batch_mixer) -> tuple[list[float], list[float], bool]:
+def _steps(model, batches, optimizer, step, device, start_lr, growth, ratios, num_steps, smooth,
+           diverge_factor) -> tuple[list[float], list[float], bool]:
     lrs: list[float] = []
     losses: list[float] = []
     average, best = 0.0, math.inf
-    for step in range(num_steps):
-        lr = start_lr * growth**step
+    for index in range(num_steps):
+        lr = start_lr * growth**index
         for group, ratio in zip(optimizer.param_groups, ratios):
             group["lr"] = lr * ratio
         images, targets = next(batches)
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        if batch_mixer is not None:
-            images, targets = batch_mixer(images, targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss = compute_loss(model(images), targets, loss_fn)  # as training: auxiliary heads included
-        loss.backward()
-        optimizer.step()
-        value = float(loss.detach())
+        loss, _ = step(model, images, targets)
+        value = float(loss)
         if not math.isfinite(value):
             return lrs, losses, True
         average = smooth * average + (1 - smooth) * value
-        smoothed = average / (1 - smooth ** (step + 1))  # bias correction of the running mean
+        smoothed = average / (1 - smooth ** (index + 1))  # bias correction of the running mean
         lrs.append(lr)
         losses.append(smoothed)
         best = min(best, smoothed)

@@ -2,36 +2,36 @@
 
 :func:`build_training` is the one place that turns a :class:`~visiontune.config.TrainConfig` into
 live objects; the training loop and the LR finder both start from its :class:`TrainingSetup`.
-
-Reproducibility: the training order and every image's augmentation derive from
-``(seed, epoch, index)`` alone (:class:`EpochSampler` draws a permutation and one seed per image
-from a generator seeded with ``seed + epoch``; :class:`SeededSamples` applies the transform under
-that seed). So an epoch gives the same batches whether it runs straight through or after a
-resume, with or without worker processes.
+The training loader reads its images in the seeded order of :mod:`visiontune.training.samplers`,
+so an epoch gives the same batches straight through or after a resume.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
-from visiontune import distributed
+# Modules rather than their functions: tests replace data.fits_in_memory and create.create_model there.
+from visiontune import data, distributed
+from visiontune.checkpoint import load_weights
 from visiontune.checkpoint.suffixes import has_weight_suffix
 from visiontune.config import TrainConfig
 from visiontune.device import (Precision, configure_threads, default_workers, prefers_channels_last, resolve_device,
                                resolve_precision)
+from visiontune.errors import DataError
 from visiontune.memory import MemoryBudget
+from visiontune.model import create
 from visiontune.model.anatomy import Anatomy, anatomy_of
 from visiontune.model.preprocessing import Preprocessing
 from visiontune.training.memory_estimate import check_training_memory
+from visiontune.training.samplers import EpochSampler, SeededSamples
 from visiontune.training.strategies import Phase, apply_phase, build_optimizer, plan_phases
 
 log = logging.getLogger(__name__)
@@ -63,60 +63,11 @@ class TrainingSetup:
     memory_budget: MemoryBudget = field(default_factory=MemoryBudget.from_available)
 
 
-class EpochSampler(Sampler):
-    """Yields ``(index, augmentation seed)`` in an order fixed by ``seed + epoch`` (call set_epoch)."""
-
-    def __init__(self, size: int, seed: int, shuffle: bool = True):
-        self.size, self.seed, self.shuffle, self.epoch = size, seed, shuffle, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.size
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(self.size, generator=generator) if self.shuffle else torch.arange(self.size)
-        seeds = torch.randint(0, 2**62, (self.size,), generator=generator)
-        return iter(zip(order.tolist(), seeds.tolist()))
-
-
-class SeededSamples(Dataset):
-    """``dataset[index]`` computed under torch and Python RNGs seeded with the sampler's per-image
-    seed, leaving the process's own RNG streams untouched."""
-
-    def __init__(self, dataset: Dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: tuple[int, int]):
-        index, seed = key
-        with _seeded(seed):
-            return self.dataset[index]
-
-
-@contextmanager
-def _seeded(seed: int):
-    torch_state, python_state = torch.get_rng_state(), random.getstate()
-    torch.random.default_generator.manual_seed(seed)  # CPU generator only: CUDA streams stay untouched
-    random.seed(seed)
-    try:
-        yield
-    finally:
-        torch.set_rng_state(torch_state)
-        random.setstate(python_state)
-
-
 # -- building ------------------------------------------------------------------------------------
 
 
 def build_training(config: TrainConfig) -> TrainingSetup:
     """Data, model (on its device, first phase's parameters trainable), optimizer and loss."""
-    from visiontune.data import build_batch_mixer, build_transforms
-
     torch.manual_seed(config.seed)  # the new head's initialisation
     random.seed(config.seed)
     device = distributed.device_for_rank(resolve_device(config.device))  # cuda:LOCAL_RANK under torchrun
@@ -125,7 +76,7 @@ def build_training(config: TrainConfig) -> TrainingSetup:
     # Before any image is decoded or weights file read: refuse what cannot fit in memory.
     check_training_memory(config, resolve_run_preprocessing(config), device, precision)
     memory_budget = MemoryBudget.from_available()  # measured once, before anything of the run is in memory
-    split, train_set, val_set, val_samples, bad, preprocessing = _build_datasets(config, build_transforms, memory_budget)
+    split, train_set, val_set, val_samples, bad, preprocessing = _build_datasets(config, memory_budget)
     model, load_report = build_model(config, len(split.classes))
     model.to(device)
     if config.sync_bn:
@@ -154,7 +105,7 @@ def build_training(config: TrainConfig) -> TrainingSetup:
         preprocessing=preprocessing,
         phases=phases,
         anatomy=anatomy,
-        batch_mixer=build_batch_mixer(len(split.classes), config.mixup, config.cutmix),
+        batch_mixer=data.build_batch_mixer(len(split.classes), config.mixup, config.cutmix),
         val_samples=val_samples,
         bad_files=bad,
         split_info={"source": split.source, "train_images": len(train_set), "val_images": len(val_set),
@@ -166,9 +117,7 @@ def build_training(config: TrainConfig) -> TrainingSetup:
 
 
 def resolve_run_preprocessing(config: TrainConfig) -> Preprocessing:
-    from visiontune.model.create import resolve_preprocessing
-
-    preprocessing = resolve_preprocessing(config.model, weights=_builtin_weights(config.weights))
+    preprocessing = create.resolve_preprocessing(config.model, weights=_builtin_weights(config.weights))
     return preprocessing.with_image_size(config.image_size) if config.image_size else preprocessing
 
 
@@ -184,13 +133,9 @@ def is_weights_file(weights: str) -> bool:
 def build_model(config: TrainConfig, num_classes: int) -> tuple[nn.Module, dict | None]:
     """The architecture with its pretrained weights; a weights file goes through load_weights,
     whose report is returned (as a dict) for report.json."""
-    from visiontune.model.create import create_model
-
-    model = create_model(config.model, num_classes=num_classes, weights=_builtin_weights(config.weights))
+    model = create.create_model(config.model, num_classes=num_classes, weights=_builtin_weights(config.weights))
     if not is_weights_file(config.weights):
         return model, None
-    from visiontune.checkpoint import load_weights
-
     report = load_weights(model, Path(config.weights).expanduser())
     log.info("%s", report)
     return model, report.to_dict()
@@ -210,37 +155,33 @@ def build_loss(config: TrainConfig, train_targets: list[int], num_classes: int) 
     return nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing)
 
 
-def _build_datasets(config: TrainConfig, build_transforms, memory_budget: MemoryBudget):
-    from visiontune.data import (ImageDataset, InMemoryDataset, check_images, decode_to_uint8, decoded_bytes, discover,
-                                 fits_in_memory)
-
-    split = discover(config.data, val_split=config.val_split, seed=config.seed)
+def _build_datasets(config: TrainConfig, memory_budget: MemoryBudget):
+    split = data.discover(config.data, val_split=config.val_split, seed=config.seed)
     preprocessing = resolve_run_preprocessing(config)
-    train_transform, eval_transform = build_transforms(preprocessing, config.augment)
+    train_transform, eval_transform = data.build_transforms(preprocessing, config.augment)
     total = len(split.train) + len(split.val)
-    if fits_in_memory(total, preprocessing.resize_size, memory_budget):
-        memory_budget.claim(decoded_bytes(total, preprocessing.resize_size), "decoded images")
+    if data.fits_in_memory(total, preprocessing.resize_size, memory_budget):
+        memory_budget.claim(data.decoded_bytes(total, preprocessing.resize_size), "decoded images")
         # Decode once: every epoch after the first would otherwise decode and resize every file again.
         def decoded(samples):
-            return decode_to_uint8(samples, preprocessing.resize_size, crop_size=preprocessing.crop_size,
-                                   interpolation=preprocessing.interpolation, on_bad_image=config.on_bad_image)
+            return data.decode_to_uint8(samples, preprocessing.resize_size, crop_size=preprocessing.crop_size,
+                                        interpolation=preprocessing.interpolation, on_bad_image=config.on_bad_image)
 
         train_images, val_images = decoded(split.train), decoded(split.val)
-        train_set = InMemoryDataset.from_decoded(train_images, train_transform)
-        val_set = InMemoryDataset.from_decoded(val_images, eval_transform)
+        train_set = data.InMemoryDataset.from_decoded(train_images, train_transform)
+        val_set = data.InMemoryDataset.from_decoded(val_images, eval_transform)
         bad, val_samples = train_images.bad + val_images.bad, val_images.samples
     else:
-        train_samples, train_bad = check_images(split.train, config.on_bad_image)
-        val_samples, val_bad = check_images(split.val, config.on_bad_image)
-        train_set, val_set = ImageDataset(train_samples, train_transform), ImageDataset(val_samples, eval_transform)
+        train_samples, train_bad = data.check_images(split.train, config.on_bad_image)
+        val_samples, val_bad = data.check_images(split.val, config.on_bad_image)
+        train_set = data.ImageDataset(train_samples, train_transform)
+        val_set = data.ImageDataset(val_samples, eval_transform)
         bad = train_bad + val_bad
     _require_images(train_set, val_set, config)
     return split, train_set, val_set, val_samples, bad, preprocessing
 
 
 def _require_images(train_set: Dataset, val_set: Dataset, config: TrainConfig) -> None:
-    from visiontune.errors import DataError
-
     for name, dataset in (("training", train_set), ("validation", val_set)):
         if len(dataset) == 0:
             raise DataError(f"no readable {name} images in {config.data}; every file failed to decode "
