@@ -27,6 +27,7 @@ from visiontune import distributed
 from visiontune.config import TrainConfig
 from visiontune.device import (Precision, configure_threads, default_workers, prefers_channels_last, resolve_device,
                                resolve_precision)
+from visiontune.errors import ConfigError
 from visiontune.model.preprocessing import Preprocessing
 from visiontune.training.strategies import Phase, apply_phase, build_optimizer, plan_phases
 
@@ -117,6 +118,7 @@ def build_training(config: TrainConfig) -> TrainingSetup:
     configure_threads(device)
     split, train_set, val_set, val_samples, bad, preprocessing = _build_datasets(config, build_transforms)
     model, load_report = build_model(config, len(split.classes))
+    refuse_single_value_batchnorm(model, config, preprocessing.crop_size)
     model.to(device)
     if config.sync_bn:
         model = distributed.convert_sync_batchnorm(model, device)
@@ -181,6 +183,37 @@ def build_model(config: TrainConfig, num_classes: int) -> tuple[nn.Module, dict 
     report = load_weights(model, Path(config.weights).expanduser())
     log.info("%s", report)
     return model, report.to_dict()
+
+
+def refuse_single_value_batchnorm(model: nn.Module, config: TrainConfig, crop_size: int) -> None:
+    """A BatchNorm layer in training mode needs more than one value per channel (batch x height x
+    width); with one image per step and a 1x1 feature map it would stop the first step with a
+    traceback. One eval-mode forward of one blank image (running statistics untouched) finds such
+    layers before training starts. The lone last image of an epoch is dropped by the train loader."""
+    batch_size = distributed.per_process_batch_size(config.batch_size)
+    norms = {name: module for name, module in model.named_modules()
+             if isinstance(module, nn.modules.batchnorm._BatchNorm)}
+    if batch_size > 1 or config.strategy == "linear-probe" or not norms:
+        return
+    single: list[str] = []
+    hooks = [module.register_forward_pre_hook(
+        lambda module, inputs, name=name: single.append(name) if inputs[0].numel() == inputs[0].shape[1] else None)
+        for name, module in norms.items()]
+    modes = {module: module.training for module in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, 3, crop_size, crop_size))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for module, training in modes.items():
+            module.training = training
+    if single:
+        raise ConfigError(
+            f"--batch-size {config.batch_size} gives {batch_size} image per step, and BatchNorm layer {single[0]} of "
+            f"{config.model} then sees a single value per channel at {crop_size} px, which it cannot normalise; "
+            "use --batch-size 2 or more (per process), a larger --image-size, or --strategy linear-probe")
 
 
 def build_loss(config: TrainConfig, train_targets: list[int], num_classes: int) -> nn.Module:
