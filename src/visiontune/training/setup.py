@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from visiontune import distributed
 from visiontune.config import TrainConfig
+from visiontune.data.datasets import require_trainable
 from visiontune.device import (Precision, configure_threads, default_workers, prefers_channels_last, resolve_device,
                                resolve_precision)
 from visiontune.errors import ConfigError
@@ -252,17 +253,8 @@ def _build_datasets(config: TrainConfig, build_transforms):
         val_samples, val_bad = check_images(split.val, config.on_bad_image)
         train_set, val_set = ImageDataset(train_samples, train_transform), ImageDataset(val_samples, eval_transform)
         bad = train_bad + val_bad
-    _require_images(train_set, val_set, config)
+    require_trainable(split, list(train_set.targets), len(val_set), len(bad))  # after dropping unreadable files
     return split, train_set, val_set, val_samples, bad, preprocessing
-
-
-def _require_images(train_set: Dataset, val_set: Dataset, config: TrainConfig) -> None:
-    from visiontune.errors import DataError
-
-    for name, dataset in (("training", train_set), ("validation", val_set)):
-        if len(dataset) == 0:
-            raise DataError(f"no readable {name} images in {config.data}; every file failed to decode "
-                            "(see the warnings above, or run with --on-bad-image error to stop at the first)")
 
 
 def _train_loader(dataset: Dataset, config: TrainConfig, workers: int, device: torch.device) -> DataLoader:
