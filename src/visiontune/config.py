@@ -335,6 +335,8 @@ def load_yaml_text(text: str, origin: str) -> Any:
         raise ConfigError(f"{origin} is not valid YAML: {first_line}") from None
     except RecursionError:
         raise ConfigError(f"{origin} is nested too deeply to be read") from None
+    except ValueError as error:  # PyYAML lets int() refuse a number of more than 4,300 digits
+        raise ConfigError(f"{origin} holds a value that cannot be read: {str(error)[:80]}") from None
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

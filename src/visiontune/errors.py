@@ -41,11 +41,21 @@ def shown(value: object, limit: int = SHOWN_CHARACTERS) -> str:
     A value can be arbitrarily large (a YAML alias expanding to megabytes, a whole file pasted into
     a flag), and a full ``repr`` of it can take gigabytes before it could be cut; ``reprlib`` stops
     early at every level, so this costs the same for any value."""
-    text = _SHORT_REPR.repr(value)
+    try:
+        text = _SHORT_REPR.repr(value)
+    except Exception:  # noqa: BLE001 - a value whose repr fails still deserves a message
+        text = f"<a {type(value).__name__}>"
     return text if len(text) <= limit else f"{text[:limit]}..."
 
 
-_SHORT_REPR = reprlib.Repr()
+class _ShortRepr(reprlib.Repr):
+    def repr_int(self, value: int, level: int) -> str:
+        if value.bit_length() > 256:  # Python refuses to print ints past 4,300 digits, and it is slow before
+            return f"<an integer of {value.bit_length() * 0.30103:.0f} digits>"
+        return super().repr_int(value, level)
+
+
+_SHORT_REPR = _ShortRepr()
 _SHORT_REPR.maxstring = SHOWN_CHARACTERS
 _SHORT_REPR.maxother = SHOWN_CHARACTERS
 _SHORT_REPR.maxlong = SHOWN_CHARACTERS
