@@ -11,6 +11,7 @@ exit status 2 and one line naming the culprit, never a traceback.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -260,6 +261,19 @@ def test_each_reproduction_exits_2_with_one_line(name, finished_run, tmp_path, c
     line = _one_line_error(capsys, _run_main(argv))
     for word in words:
         assert word in line, (word, line)
+
+
+@pytest.mark.parametrize("code, words", [(errno.EROFS, "read-only"), (errno.ENOSPC, "disk is full"),
+                                         (errno.EACCES, "permissions")])
+def test_the_file_system_refusing_a_user_path_is_one_line(code, words, finished_run, tmp_path, monkeypatch, capsys):
+    """Works as root too (root ignores permission bits): the file system's answer is simulated."""
+    def refuse(self, *args, **kwargs):
+        raise OSError(code, os.strerror(code), str(self))
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    out = tmp_path / "out" / "run"
+    line = _one_line_error(capsys, _run_main(["train", "--data", str(finished_run[0]), *TINY, "--out", str(out)]))
+    assert words in line and str(out) in line
 
 
 def test_a_batch_of_one_is_fine_where_batchnorm_sees_more_than_one_value(finished_run, tmp_path):
