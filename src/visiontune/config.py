@@ -271,7 +271,7 @@ class _BoundedLoader(yaml.SafeLoader):
             raise yaml.YAMLError("an alias refers to the value that contains it (a self-referencing anchor)")
         if expanded - distinct > MAX_ALIAS_REPEATS:
             raise yaml.YAMLError(
-                f"its aliases (*name) expand to {expanded:,} values, more than the {MAX_ALIAS_REPEATS:,} allowed; "
+                f"its aliases (*name) would repeat {expanded - distinct:,} values, more than the {MAX_ALIAS_REPEATS:,} allowed; "
                 "write the values out instead of nesting anchors")
         return node
 

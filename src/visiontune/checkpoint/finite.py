@@ -23,6 +23,10 @@ def non_finite_tensors(tensors: Mapping[str, object]) -> list[str]:
     for name, tensor in tensors.items():
         if not isinstance(tensor, torch.Tensor) or not (tensor.is_floating_point() or tensor.is_complex()):
             continue
+        # A NaN or inf anywhere makes the sum non-finite, so a finite sum clears the tensor without
+        # allocating a mask; a non-finite sum (or one that merely overflowed) gets the exact count.
+        if tensor.numel() == 0 or bool(torch.isfinite(tensor.sum())):
+            continue
         if bool(torch.isfinite(tensor).all()):
             continue
         nan = int(torch.isnan(tensor).sum())
