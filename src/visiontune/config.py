@@ -343,7 +343,8 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML config file into a dict (validated later, together with the flags)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+        state = "is not a regular file" if path.exists() else "does not exist"
+        raise ConfigError(f"config file {path} {state}; give a YAML file of TrainConfig keys")
     values = load_yaml_file(path) or {}
     if not isinstance(values, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys to values, got {type(values).__name__}")
