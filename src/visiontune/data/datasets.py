@@ -202,7 +202,7 @@ def _from_single_tree(root: Path, tree: Path, val_split: float | None, seed: int
     )
 
 
-def require_trainable(split: DatasetSplit, train_labels: list[int], num_val: int, num_bad: int) -> None:
+def require_trainable(split: DatasetSplit, train_labels: list[int], val_labels: list[int], num_bad: int) -> None:
     """Check what is left once unreadable files are dropped: every class keeps at least one training
     image and validation keeps at least one image; a class left without validation images is only
     warned about. :func:`discover` cannot know this, since it never decodes a file."""
@@ -215,9 +215,13 @@ def require_trainable(split: DatasetSplit, train_labels: list[int], num_val: int
         more = f" and {len(empty) - 5} more" if len(empty) > 5 else ""
         raise DataError(f"no readable training image left for {len(empty)} class(es): {named}{more}{skipped}; "
                         "replace the unreadable files or remove the class")
-    if num_val == 0:
+    if not val_labels:
         raise DataError(f"no readable validation image left in {_data_origin(split)}{skipped}; "
                         "replace the unreadable files or add validation images")
+    unvalidated = sorted(set(range(len(split.classes))) - set(val_labels))
+    if unvalidated and num_bad:  # without bad files, discover has already warned or split every class
+        logger.warning("no readable validation image left for class(es) %s; they are not validated",
+                       ", ".join(split.classes[index] for index in unvalidated))
 
 
 def _class_origin(split: DatasetSplit, label: int) -> str:

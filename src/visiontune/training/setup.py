@@ -253,7 +253,7 @@ def _build_datasets(config: TrainConfig, build_transforms):
         val_samples, val_bad = check_images(split.val, config.on_bad_image)
         train_set, val_set = ImageDataset(train_samples, train_transform), ImageDataset(val_samples, eval_transform)
         bad = train_bad + val_bad
-    require_trainable(split, list(train_set.targets), len(val_set), len(bad))  # after dropping unreadable files
+    require_trainable(split, list(train_set.targets), list(val_set.targets), len(bad))  # after dropping unreadable files
     return split, train_set, val_set, val_samples, bad, preprocessing
 
 
