@@ -9,12 +9,13 @@ one-line message with exit status 2 (``--debug`` shows the traceback).
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import os
 import sys
 
-from visiontune.errors import VisiontuneError
+from visiontune.errors import VisiontuneError, shown
 
 # Order is the order shown by --help.
 COMMAND_MODULES = (
@@ -91,6 +92,35 @@ def main(argv: list[str] | None = None) -> int:
         # Point stdout at /dev/null so the interpreter's final flush does not raise again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as error:
+        if args.debug or error.errno not in _USER_ERRNOS:
+            raise
+        print(f"visiontune {args.command}: error: {describe_os_error(error)}", file=sys.stderr)
+        return 2
+
+
+# What the file system says about a user's paths and disk, rather than about visiontune: a
+# read-only or permission-less --out, a folder under /proc, a full disk. Other errnos stay bugs.
+_USER_ERRNOS = {
+    errno.EACCES: "check its permissions or choose another path",
+    errno.EPERM: "check its permissions or choose another path",
+    errno.EROFS: "the file system is read-only; choose a writable path",
+    errno.ENOENT: "check the path (a folder on the way may not exist or may not allow new entries)",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+    errno.EISDIR: "it is a folder; give a file",
+    errno.ENAMETOOLONG: "the path is too long for the file system",
+    errno.ENOSPC: "the disk is full; free some space or write elsewhere",
+    errno.EDQUOT: "the disk quota is used up; free some space or write elsewhere",
+    errno.EFBIG: "the file grew past the size the system allows (ulimit -f)",
+}
+
+
+def describe_os_error(error: OSError) -> str:
+    """One line for an OSError: what failed, on which path, and what to do."""
+    name = error.filename
+    name = os.fsdecode(name) if isinstance(name, (str, bytes, os.PathLike)) else name
+    where = f" {shown(str(name), limit=300)}" if name is not None else ""
+    return f"{error.strerror or error}{':' if where else ''}{where}; {_USER_ERRNOS[error.errno]}"
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -19,7 +19,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from visiontune.errors import ConfigError
+from visiontune.errors import ConfigError, shown
 
 STRATEGIES = ("linear-probe", "partial", "full", "gradual")
 
@@ -82,7 +82,9 @@ class TrainConfig:
         high=1.0, low_open=True, high_open=True))
     on_bad_image: str = field(default="skip", metadata=_option(
         "unreadable images: skip them (listed in report.json) or stop with an error", choices=("skip", "error")))
-    seed: int = field(default=0, metadata=_option("random seed: data order, augmentation, initialisation"))
+    # torch.manual_seed takes at most 2**64 - 1 and the sampler seeds with seed + epoch, so 2**63 - 1 leaves room.
+    seed: int = field(default=0, metadata=_option("random seed: data order, augmentation, initialisation", low=0,
+                                                   high=2**63 - 1))
     device: str = field(default="auto", metadata=_option("where to train", choices=("auto", "cpu", "cuda")))
     precision: str = field(default="auto", metadata=_option(
         "auto: bf16/fp16 autocast where the device supports it, else fp32", choices=("auto", "fp32", "bf16", "fp16")))
@@ -122,7 +124,8 @@ def config_from_dict(values: dict[str, Any], *, require_data: bool = True) -> Tr
     values = {str(key).replace("-", "_"): value for key, value in values.items()}
     unknown = sorted(set(values) - set(valid_keys()))
     if unknown:
-        raise ConfigError(f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(valid_keys())}")
+        named = ", ".join(shown(key).strip("'") for key in unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        raise ConfigError(f"unknown config key(s) {named}; valid keys: {', '.join(valid_keys())}")
     hints = typing.get_type_hints(TrainConfig)
     coerced = {name: _coerce(name, value, hints[name]) for name, value in values.items()}
     config = TrainConfig(**coerced)
@@ -153,24 +156,28 @@ def _check_range(spec: dataclasses.Field, value: Any) -> None:
     if value is None or isinstance(value, (bool, str)) and meta.get("choices") is None:
         return
     if meta.get("choices") is not None and value not in meta["choices"]:
-        raise ConfigError(f"{spec.name} must be one of {', '.join(meta['choices'])}, got {value!r}")
+        raise ConfigError(f"{spec.name} must be one of {', '.join(meta['choices'])}, got {shown(value)}")
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         return
     low, high = meta.get("low"), meta.get("high")
     too_low = low is not None and (value <= low if meta["low_open"] else value < low)
     too_high = high is not None and (value >= high if meta["high_open"] else value > high)
     if too_low or too_high:
-        raise ConfigError(f"{spec.name} must be {_describe_range(meta)}, got {value!r}")
+        raise ConfigError(f"{spec.name} must be {_describe_range(meta)}, got {shown(value)}")
 
 
 def _describe_range(meta: dict) -> str:
     low, high = meta.get("low"), meta.get("high")
     parts = []
     if low is not None:
-        parts.append(f"{'>' if meta['low_open'] else '>='} {low:g}")
+        parts.append(f"{'>' if meta['low_open'] else '>='} {_number(low)}")
     if high is not None:
-        parts.append(f"{'<' if meta['high_open'] else '<='} {high:g}")
+        parts.append(f"{'<' if meta['high_open'] else '<='} {_number(high)}")
     return " and ".join(parts)
+
+
+def _number(value: float) -> str:
+    return str(value) if isinstance(value, int) else f"{value:g}"  # 9223372036854775807, not 9.22337e+18
 
 
 def _coerce(name: str, value: Any, hint: Any) -> Any:
@@ -188,7 +195,7 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
         converted = _convert(value, option)
         if converted is not _FAILED:
             return converted
-    raise ConfigError(f"{name} must be {_type_name(hint)}, got {value!r}")
+    raise ConfigError(f"{name} must be {_type_name(hint)}, got {shown(value)}")
 
 
 _FAILED = object()
@@ -247,15 +254,98 @@ def _type_name(hint: Any) -> str:
 # -- YAML ------------------------------------------------------------------------------------------
 
 
+MAX_ALIAS_REPEATS = 10_000  # YAML nodes aliases may repeat in one document; a whole config has ~40 values
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a document whose aliases expand past :data:`MAX_ALIAS_REPEATS`.
+
+    A 330-byte file of nested anchors (``a: &a [x, x]``, ``b: &b [*a, *a]``, ...) composes into a
+    few nodes but expands to billions of values the moment anything walks it (a message, a repr,
+    a copy): a "billion laughs". Counting before constructing makes every reader of YAML safe."""
+
+    def compose_document(self):
+        node = super().compose_document()
+        distinct, expanded = _count_nodes(node)
+        if expanded is None:
+            raise yaml.YAMLError("an alias refers to the value that contains it (a self-referencing anchor)")
+        if expanded - distinct > MAX_ALIAS_REPEATS:
+            raise yaml.YAMLError(
+                f"its aliases (*name) would repeat {expanded - distinct:,} values, more than the {MAX_ALIAS_REPEATS:,} allowed; "
+                "write the values out instead of nesting anchors")
+        return node
+
+
+def _count_nodes(root: yaml.Node) -> tuple[int, int | None]:
+    """(distinct nodes, nodes once every alias is expanded; None if an alias contains itself).
+
+    Iterative, memoised by node identity: the cost is the size of the file, not of the expansion."""
+    expanded: dict[int, int] = {}
+    on_path: set[int] = set()  # nodes whose children are being counted: reaching one again is a cycle
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_counted = stack.pop()
+        key = id(node)
+        if children_counted:
+            on_path.discard(key)
+            expanded[key] = 1 + sum(expanded[id(child)] for child in _children(node))
+            continue
+        if key in expanded:
+            continue
+        if key in on_path:
+            return len(expanded), None
+        on_path.add(key)
+        stack.append((node, True))
+        stack.extend((child, False) for child in _children(node) if id(child) not in expanded)
+    return len(expanded), expanded[id(root)]
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
+def load_yaml_file(path: str | Path, what: str = "config file") -> Any:
+    """The one way visiontune reads a YAML (or JSON) file: UTF-8, safe types only, aliases bounded.
+
+    Every problem (unreadable, not UTF-8, not YAML, an alias bomb, absurd nesting) is a one-line
+    ConfigError naming ``what`` and the file."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise ConfigError(f"cannot read {what} {path}: {error.strerror or error}") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{what} {path} is not UTF-8 text (byte 0x{raw[error.start]:02x} at offset {error.start}); "
+                          "save it as UTF-8") from None
+    return load_yaml_text(text, f"{what} {path}")
+
+
+def load_yaml_text(text: str, origin: str) -> Any:
+    """Parse YAML text with :class:`_BoundedLoader`; any problem is a one-line ConfigError naming ``origin``."""
+    try:
+        return yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 - _BoundedLoader is a SafeLoader
+    except yaml.YAMLError as error:
+        first_line = (str(error).splitlines() or ["unreadable"])[0]
+        raise ConfigError(f"{origin} is not valid YAML: {first_line}") from None
+    except RecursionError:
+        raise ConfigError(f"{origin} is nested too deeply to be read") from None
+    except ValueError as error:  # PyYAML lets int() refuse a number of more than 4,300 digits
+        raise ConfigError(f"{origin} holds a value that cannot be read: {str(error)[:80]}") from None
+
+
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML config file into a dict (validated later, together with the flags)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"config file {path} is not valid YAML: {str(error).splitlines()[0]}") from None
+        state = "is not a regular file" if path.exists() else "does not exist"
+        raise ConfigError(f"config file {path} {state}; give a YAML file of TrainConfig keys")
+    values = load_yaml_file(path) or {}
     if not isinstance(values, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys to values, got {type(values).__name__}")
     return values

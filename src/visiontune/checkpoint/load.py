@@ -13,6 +13,7 @@ from pathlib import Path
 
 from visiontune.checkpoint.align import match_auto
 from visiontune.checkpoint.clean import clean_keys
+from visiontune.checkpoint.finite import require_finite
 from visiontune.checkpoint.io import read_checkpoint, sniff_format
 from visiontune.checkpoint.match import (
     Plan,
@@ -60,6 +61,8 @@ def load_weights(model, source, match="auto", dry_run: bool = False, allow_unsaf
     if not plan.loaded:
         raise CheckpointError(_nothing_fits_message(source_name, strategy, model_state, checkpoint))
     _reject_wrong_kinds(model_state, tensors, plan.loaded, original, source_name)
+    require_finite({original[source]: tensors[source] for source in plan.loaded.values()},
+                   f"Checkpoint {source_name}", "so the model was left unchanged")
     if not dry_run:
         _copy(model_state, tensors, plan.loaded)
     logger.info("%s", report)

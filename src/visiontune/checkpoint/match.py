@@ -26,7 +26,8 @@ from visiontune.checkpoint.keys import (
     role_of,
     shapes_compatible,
 )
-from visiontune.errors import CheckpointError, ConfigError
+from visiontune.config import load_yaml_file
+from visiontune.errors import CheckpointError, ConfigError, shown
 
 logger = logging.getLogger(__name__)
 
@@ -137,9 +138,9 @@ def match_by_mapping(target: ShapeMap, source: ShapeMap, strategy: Strategy, ali
 
 
 def _check_names_exist(mapping, resolved, target: ShapeMap, source: ShapeMap, origin: str) -> None:
-    problems = [f"model key {key!r}{_suggest(key, target)}" for key in mapping if key not in target]
+    problems = [f"model key {shown(key)}{_suggest(key, target)}" for key in mapping if key not in target]
     problems += [
-        f"checkpoint key {mapping[key]!r}{_suggest(value, source)}"
+        f"checkpoint key {shown(mapping[key])}{_suggest(value, source)}"
         for key, value in resolved.items()
         if value is not None and value not in source
     ]
@@ -170,7 +171,7 @@ def rename_by_rules(keys: list[str], strategy: Strategy) -> tuple[dict[str, str]
             if new_key is None or not pattern.search(new_key):
                 continue
             used_rules.add(index)
-            new_key = None if replacement is None else pattern.sub(replacement, new_key)
+            new_key = None if replacement is None else _substitute(pattern, replacement, new_key, strategy.origin)
         if new_key is not None:
             renamed.setdefault(new_key, key)
     unused = [pattern.pattern for index, (pattern, _) in enumerate(compiled) if index not in used_rules]
@@ -181,8 +182,18 @@ def rename_by_rules(keys: list[str], strategy: Strategy) -> tuple[dict[str, str]
 def _compile(pattern: str, origin: str) -> re.Pattern:
     try:
         return re.compile(pattern)
-    except re.error as error:
-        raise ConfigError(f"Rule pattern {pattern!r} in {origin} is not a valid regular expression ({error}).") from error
+    except (re.error, RecursionError, OverflowError) as error:
+        raise ConfigError(f"Rule pattern {shown(pattern)} in {origin} is not a valid regular expression ({error}).") from None
+
+
+def _substitute(pattern: re.Pattern, replacement: str, key: str, origin: str) -> str:
+    """``pattern.sub`` with a bad group reference (``\\2`` in a one-group pattern, ``\\g<name>`` that
+    does not exist) reported as the rule's mistake; re only finds it when the rule first matches."""
+    try:
+        return pattern.sub(replacement, key)
+    except (re.error, IndexError) as error:
+        raise ConfigError(f"Rule [{shown(pattern.pattern)}, {shown(replacement)}] in {origin} has a replacement that "
+                          f"does not fit its pattern ({error}); refer only to groups the pattern has, as \\1 or \\g<name>.") from None
 
 
 def parse_strategy(match) -> Strategy:
@@ -198,18 +209,13 @@ def parse_strategy(match) -> Strategy:
     if isinstance(match, (str, Path)) and Path(match).is_file():
         return _strategy_from_file(Path(match))
     raise ConfigError(
-        f"match={match!r} is not a strategy or an existing file. Use one of {', '.join(NAMED_STRATEGIES)}, "
+        f"match={shown(match)} is not a strategy or an existing file. Use one of {', '.join(NAMED_STRATEGIES)}, "
         "a dict {model_key: checkpoint_key}, a list of (regex, replacement) rules, or the path of a YAML/JSON file holding either."
     )
 
 
 def _strategy_from_file(path: Path) -> Strategy:
-    import yaml
-
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as error:
-        raise ConfigError(f"Mapping file '{path}' is not valid YAML or JSON ({error}).") from error
+    data = load_yaml_file(path, what="mapping file")  # JSON is YAML; aliases bounded, one-line errors
     return _strategy_from_data(data, f"'{path}'")
 
 
@@ -222,7 +228,7 @@ def _strategy_from_data(data, origin: str) -> Strategy:
     if isinstance(data, dict):
         bad = [key for key, value in data.items() if not isinstance(key, str) or not (value is None or isinstance(value, str))]
         if bad:
-            raise ConfigError(f"{origin}: a mapping must be {{model_key: checkpoint_key or null}} with string keys; bad entries: {bad[:5]}.")
+            raise ConfigError(f"{origin}: a mapping must be {{model_key: checkpoint_key or null}} with string keys; bad entries: {shown(bad[:5])}.")
         return Strategy("mapping", mapping=dict(data), origin=origin)
     if isinstance(data, list):
         return Strategy("rules", rules=[_rule(item, origin) for item in data], origin=origin)
@@ -234,4 +240,4 @@ def _rule(item, origin: str) -> tuple[str, str | None]:
         item = (item["pattern"], item.get("replacement"))
     if isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], str) and (item[1] is None or isinstance(item[1], str)):
         return item[0], item[1]
-    raise ConfigError(f"{origin}: each rule must be [pattern, replacement] (replacement null to drop the key), not {item!r}.")
+    raise ConfigError(f"{origin}: each rule must be [pattern, replacement] (replacement null to drop the key), not {shown(item)}.")

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
+from visiontune.checkpoint.finite import require_finite
 from visiontune.checkpoint.io import atomic_write, read_checkpoint
 from visiontune.checkpoint.suffixes import SAFETENSORS_SUFFIX, TORCH_SUFFIXES
 from visiontune.errors import CheckpointError
@@ -24,6 +29,7 @@ def save_weights(model_or_state_dict, path: str | os.PathLike) -> Path:
     if not path.suffix:
         path = path.with_suffix(SAFETENSORS_SUFFIX)
     state_dict = _as_state_dict(model_or_state_dict)
+    require_finite(state_dict, "The weights to save", f"so '{path}' was not written")
     if path.suffix == SAFETENSORS_SUFFIX:
         _save_safetensors(state_dict, path)
     elif path.suffix in TORCH_SUFFIXES:
@@ -51,7 +57,7 @@ def _save_safetensors(state_dict: dict, path: Path) -> None:
     from safetensors.torch import save_file
 
     tensors = _standalone_tensors(state_dict)
-    with atomic_write(path) as temp_path:
+    with named_write_errors(path), atomic_write(path) as temp_path:
         save_file(tensors, str(temp_path), metadata={"format": "pt"})
 
 
@@ -79,7 +85,7 @@ def _save_torch(state_dict: dict, path: Path) -> None:
     import torch
 
     tensors = {key: tensor.detach().cpu() for key, tensor in state_dict.items()}
-    with atomic_write(path) as temp_path:
+    with named_write_errors(path), atomic_write(path) as temp_path:
         torch.save(tensors, temp_path)
 
 
@@ -92,7 +98,7 @@ def save_model(model, path: str | os.PathLike) -> Path:
     import torch
 
     path = Path(path)
-    with atomic_write(path) as temp_path:
+    with named_write_errors(path), atomic_write(path) as temp_path:
         torch.save(model, temp_path)
     return path
 
@@ -112,3 +118,35 @@ def load_model(path: str | os.PathLike, allow_unsafe: bool = False):
     if not isinstance(loaded, torch.nn.Module):
         raise CheckpointError(f"'{path}' does not hold a whole model but a {type(loaded).__name__}; load it with load_weights(model, path) instead.")
     return loaded
+
+
+# torch.save reports a short write as "RuntimeError: [enforce fail at inline_container.cc:672] .
+# unexpected pos 704 vs 598", safetensors as "SafetensorError: Error while serializing: I/O error:
+# ...": neither names the file nor says that the disk is full.
+_WRITE_FAILURE = re.compile(r"unexpected pos|failed writing|file write failed|I/O error|IoError", re.IGNORECASE)
+
+
+@contextlib.contextmanager
+def named_write_errors(path: str | os.PathLike) -> Iterator[None]:
+    """Turn a failed write of ``path`` (full disk, quota, ``ulimit -f``, a read-only folder) into a
+    one-line CheckpointError naming the file and the cause. Wrap it around :func:`atomic_write`,
+    which has already removed its temporary file and kept any previous ``path`` by then."""
+    path = Path(path)
+    try:
+        yield
+    except OSError as error:
+        raise CheckpointError(f"could not write '{path}': {error.strerror or error}{_space_left(path)}") from None
+    except Exception as error:  # noqa: BLE001 - only write failures are translated, the rest re-raised
+        if isinstance(error, CheckpointError) or not _WRITE_FAILURE.search(str(error)):
+            raise
+        cause = str(error).strip().splitlines()[-1][:200]
+        raise CheckpointError(f"could not write '{path}': the write stopped part-way ({cause}){_space_left(path)}; "
+                              "any previous file there was kept") from None
+
+
+def _space_left(path: Path) -> str:
+    with contextlib.suppress(OSError):
+        free = shutil.disk_usage(path.parent).free
+        if free < 64 * 2**20:  # bytes; less than a small checkpoint needs
+            return f" (only {free:,} bytes free on its disk: free some space or write elsewhere)"
+    return ""

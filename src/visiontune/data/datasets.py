@@ -7,6 +7,7 @@ classifier stops here with a :class:`~visiontune.errors.DataError` that names th
 
 from __future__ import annotations
 
+import collections
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch.utils.data
 from visiontune.data.images import IMAGE_EXTENSIONS, RGB, is_image_file, load_image
 from visiontune.data.manifest import read_manifest, read_manifest_rows
 from visiontune.data.samples import DatasetSplit, Sample, relative_posix, resolve_val_split, stratified_split
-from visiontune.errors import DataError
+from visiontune.errors import DataError, shown
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +135,7 @@ def _scan_tree(tree: Path) -> dict[str, list[Path]]:
 
 def _require_two_classes(classes: list[str], where: Path) -> None:
     if len(classes) < 2:
-        raise DataError(f"only one class ({classes[0]!r}) in {where}; a classifier needs at least two class sub-folders")
+        raise DataError(f"only one class ({shown(classes[0])}) in {where}; a classifier needs at least two class sub-folders")
 
 
 def _from_train_val_folders(root: Path, train_dir: Path, val_dir: Path) -> DatasetSplit:
@@ -174,6 +175,43 @@ def _from_single_tree(root: Path, tree: Path, val_split: float | None, seed: int
         source="split",
         split_info=_split_record(val_split, seed, val, root),
     )
+
+
+def require_trainable(split: DatasetSplit, train_labels: list[int], val_labels: list[int], num_bad: int) -> None:
+    """Check what is left once unreadable files are dropped: every class keeps at least one training
+    image and validation keeps at least one image; a class left without validation images is only
+    warned about. :func:`discover` cannot know this, since it never decodes a file."""
+    counts = collections.Counter(train_labels)
+    skipped = (f" ({num_bad} unreadable file(s) were skipped; run with --on-bad-image error to stop at the first)"
+               if num_bad else "")
+    empty = [index for index, _ in enumerate(split.classes) if counts[index] == 0]
+    if empty:
+        named = "; ".join(f"class {shown(split.classes[index])} ({_class_origin(split, index)})" for index in empty[:5])
+        more = f" and {len(empty) - 5} more" if len(empty) > 5 else ""
+        raise DataError(f"no readable training image left for {len(empty)} class(es): {named}{more}{skipped}; "
+                        "replace the unreadable files or remove the class")
+    if not val_labels:
+        raise DataError(f"no readable validation image left in {_data_origin(split)}{skipped}; "
+                        "replace the unreadable files or add validation images")
+    unvalidated = sorted(set(range(len(split.classes))) - set(val_labels))
+    if unvalidated and num_bad:  # without bad files, discover has already warned or split every class
+        logger.warning("no readable validation image left for class(es) %s; they are not validated",
+                       ", ".join(split.classes[index] for index in unvalidated))
+
+
+def _class_origin(split: DatasetSplit, label: int) -> str:
+    """Where a class's files were listed: its folder(s), or the manifest."""
+    if split.source == "csv":
+        return f"manifest {split.split_info.get('manifest')}"
+    folders = sorted({str(sample.path.parent) for sample in split.train + split.val if sample.label == label})
+    return ", ".join(folders[:2]) + (" ..." if len(folders) > 2 else "") if folders else "no files"
+
+
+def _data_origin(split: DatasetSplit) -> str:
+    if split.source == "csv":
+        return f"manifest {split.split_info.get('manifest')}"
+    folders = sorted({str(sample.path.parent.parent) for sample in split.val})
+    return ", ".join(folders[:2]) if folders else "the data"
 
 
 def _split_record(val_split: float | None, seed: int, val: list[Sample], root: Path) -> dict:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from visiontune.data.samples import DatasetSplit, Sample, relative_posix, resolve_val_split, stratified_split
-from visiontune.errors import DataError
+from visiontune.errors import DataError, shown
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def read_manifest(csv_path: Path, val_split: float | None = None, seed: int = 0)
         raise DataError(f"manifest {csv_path} has no training rows; add rows with split 'train' (or drop the split column)")
     classes = _sorted_labels({row.label for row in train_rows})
     if len(classes) < 2:
-        raise DataError(f"manifest {csv_path} has only one label ({classes[0]!r}); a classifier needs at least two")
+        raise DataError(f"manifest {csv_path} has only one label ({shown(classes[0])}); a classifier needs at least two")
     index = {name: i for i, name in enumerate(classes)}
     if has_split:
         val_rows = [row for row in rows if row.split == "val"]
@@ -95,10 +95,38 @@ def _read_rows(csv_path: Path) -> list[ManifestRow]:
     rows = [_parse_row(csv_path, number, cells, path_col, label_col, split_col) for number, cells in lines]
     missing = [row for row in rows if not row.path.is_file()]
     if missing:
-        shown = "; ".join(f"line {row.line}: {row.path}" for row in missing[:_SHOW])
+        listed = "; ".join(f"line {row.line}: {row.path}" for row in missing[:_SHOW])
         more = f" (and {len(missing) - _SHOW} more)" if len(missing) > _SHOW else ""
-        raise DataError(f"manifest {csv_path} names {len(missing)} file(s) that do not exist: {shown}{more}")
-    return rows
+        raise DataError(f"manifest {csv_path} names {len(missing)} file(s) that do not exist: {listed}{more}")
+    return _without_duplicates(csv_path, rows)
+
+
+def _without_duplicates(csv_path: Path, rows: list[ManifestRow]) -> list[ManifestRow]:
+    """Keep the first of rows that repeat an image with the same label and split (a warning); an image
+    listed with two labels, or in two splits, is an error naming the lines: no choice would be right,
+    and a repeated image would otherwise be split into train and val at once."""
+    by_file: dict[Path, list[ManifestRow]] = {}
+    for row in rows:
+        by_file.setdefault(row.path.resolve(), []).append(row)
+    conflicts = [group for group in by_file.values() if len({(row.label, row.split) for row in group}) > 1]
+    if conflicts:
+        named = "; ".join(
+            f"{group[0].path.name} on lines {', '.join(str(row.line) for row in group[:_SHOW])} as "
+            f"{' / '.join(sorted({_describe_row(row) for row in group}))}" for group in conflicts[:_SHOW])
+        more = f" (and {len(conflicts) - _SHOW} more)" if len(conflicts) > _SHOW else ""
+        raise DataError(f"manifest {csv_path} lists {len(conflicts)} image(s) more than once with different labels "
+                        f"or splits: {named}{more}; keep one row per image")
+    repeated = [group for group in by_file.values() if len(group) > 1]
+    if repeated:
+        example = repeated[0]
+        logger.warning("manifest %s lists %d image(s) more than once (e.g. %s on lines %s); each is used once",
+                       csv_path, len(repeated), example[0].path.name, ", ".join(str(row.line) for row in example[:_SHOW]))
+    return [group[0] for group in by_file.values()]
+
+
+def _describe_row(row: ManifestRow) -> str:
+    label = shown(row.label)
+    return f"{label} ({row.split})" if row.split else label
 
 
 def _columns(first_row: list[str]) -> tuple[bool, int, int, int | None]:
@@ -117,11 +145,11 @@ def _parse_row(csv_path: Path, line: int, cells: list[str], path_col: int, label
 
     path_text, label = cell(path_col), cell(label_col)
     if not path_text or not label:
-        raise DataError(f"manifest {csv_path} line {line} needs a path and a label, got {','.join(cells)!r}")
+        raise DataError(f"manifest {csv_path} line {line} needs a path and a label, got {shown(','.join(cells))}")
     split_text = cell(split_col).lower()
     if split_col is not None and split_text not in _SPLIT_VALUES:
         raise DataError(
-            f"manifest {csv_path} line {line}: unknown split {cell(split_col)!r}; use one of train, val, test"
+            f"manifest {csv_path} line {line}: unknown split {shown(cell(split_col))}; use one of train, val, test"
         )
     path = Path(path_text).expanduser()
     return ManifestRow(
@@ -135,8 +163,8 @@ def _parse_row(csv_path: Path, line: int, cells: list[str], path_col: int, label
 def _reject_unknown_labels(csv_path: Path, rows: list[ManifestRow], index: dict[str, int], what: str) -> None:
     unknown = [row for row in rows if row.label not in index]
     if unknown:
-        shown = "; ".join(f"line {row.line}: {row.label!r}" for row in unknown[:_SHOW])
-        raise DataError(f"manifest {csv_path} has {len(unknown)} row(s) with {what}: {shown}")
+        listed = "; ".join(f"line {row.line}: {shown(row.label)}" for row in unknown[:_SHOW])
+        raise DataError(f"manifest {csv_path} has {len(unknown)} row(s) with {what}: {listed}")
 
 
 def _sorted_labels(labels: set[str]) -> list[str]:

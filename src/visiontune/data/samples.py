@@ -9,7 +9,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from visiontune.errors import ConfigError, DataError
+from visiontune.errors import ConfigError, DataError, shown
 
 DEFAULT_VAL_SPLIT = 0.2  # the fraction of each class kept for validation when no val/ folder says
 
@@ -36,7 +36,7 @@ class DatasetSplit:
 def resolve_val_split(val_split: float | None) -> float:
     value = DEFAULT_VAL_SPLIT if val_split is None else float(val_split)
     if not 0.0 < value < 1.0:
-        raise ConfigError(f"val_split must be between 0 and 1 (exclusive), got {val_split!r}; 0.2 keeps a fifth for validation")
+        raise ConfigError(f"val_split must be between 0 and 1 (exclusive), got {shown(val_split)}; 0.2 keeps a fifth for validation")
     return value
 
 
@@ -53,7 +53,7 @@ def stratified_split(
         paths = sorted(labelled[label])
         if len(paths) < 2:
             raise DataError(
-                f"class {classes[label]!r} in {where} has only {len(paths)} image(s); a train/val split needs "
+                f"class {shown(classes[label])} in {where} has only {len(paths)} image(s); a train/val split needs "
                 "at least 2 per class (add images or provide a val/ folder)"
             )
         shuffled = paths[:]

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from visiontune.checkpoint.suffixes import WEIGHT_SUFFIXES
 from visiontune.checkpoint import load_weights
-from visiontune.errors import ModelError
+from visiontune.checkpoint.suffixes import WEIGHT_SUFFIXES
+from visiontune.errors import ModelError, shown
 from visiontune.model.heads import replace_head
 from visiontune.model.preprocessing import Preprocessing
 from visiontune.model.registry import ModelInfo, ModelSpec, list_models, parse_name
@@ -75,7 +75,7 @@ def _local_path(weights) -> Path | None:
     if weights is None:
         return None
     if not isinstance(weights, (str, os.PathLike)):
-        raise ModelError(f"weights must be None, a weights name such as 'DEFAULT', or a file path, got {weights!r}")
+        raise ModelError(f"weights must be None, a weights name such as 'DEFAULT', or a file path, got {shown(weights)}")
     text = os.fspath(weights)
     looks_like_file = (isinstance(weights, os.PathLike) or "/" in text or os.sep in text
                        or Path(text).suffix in WEIGHT_SUFFIXES or Path(text).is_file())
@@ -106,7 +106,7 @@ def torchvision_weights(arch: str, weights: str | None):
         return enum[member]
     except KeyError:
         valid = ", ".join(["DEFAULT"] + list(enum.__members__))
-        raise ModelError(f"unknown weights {weights!r} for {arch}; choose one of {valid}, or pass a file path") from None
+        raise ModelError(f"unknown weights {shown(weights)} for {arch}; choose one of {valid}, or pass a file path") from None
 
 
 def _build_torchvision(spec: ModelSpec, weights: str | None, kwargs: dict) -> nn.Module:
@@ -137,7 +137,7 @@ def _timm_arch(spec: ModelSpec, weights: str | None) -> str:
     arch = spec.arch.split(".", 1)[0]
     tags = [n.split(".", 1)[1] for n in timm.list_pretrained(f"{arch}.*")]
     if weights not in tags:
-        raise ModelError(f"unknown weights {weights!r} for timm:{arch}; choose DEFAULT or one of {', '.join(tags) or '(none)'}")
+        raise ModelError(f"unknown weights {shown(weights)} for timm:{arch}; choose DEFAULT or one of {', '.join(tags) or '(none)'}")
     return f"{arch}.{weights}"
 
 

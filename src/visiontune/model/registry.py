@@ -14,7 +14,7 @@ import logging
 from dataclasses import dataclass
 from functools import lru_cache
 
-from visiontune.errors import ModelError
+from visiontune.errors import ModelError, shown
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def timm_names() -> list[str]:
 def parse_name(name: str) -> ModelSpec:
     """Check that ``name`` is buildable; raise a ModelError that suggests close matches if not."""
     if not isinstance(name, str) or not name:
-        raise ModelError(f"model name must be a non-empty string, got {name!r}")
+        raise ModelError(f"model name must be a non-empty string, got {shown(name)}")
     if name.startswith(TIMM_PREFIX):
         arch = name[len(TIMM_PREFIX):]
         import timm
@@ -105,7 +105,7 @@ def _unknown_name_message(name: str) -> str:
     close += [c for c in difflib.get_close_matches(TIMM_PREFIX + bare, candidates, n=3) if c not in close]
     hint = f"did you mean: {', '.join(close[:5])}?" if close else "no similar name found."
     return (
-        f"unknown model {name!r}; {hint} Run 'visiontune models [PATTERN]' to list the torchvision "
+        f"unknown model {shown(name)}; {hint} Run 'visiontune models [PATTERN]' to list the torchvision "
         f"names and the timm names (which take the prefix '{TIMM_PREFIX}')."
     )
 

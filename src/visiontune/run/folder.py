@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from visiontune.checkpoint.finite import require_finite
+from visiontune.checkpoint.save import named_write_errors
 from visiontune.config import TrainConfig, read_config, save_config
 from visiontune.device import DEVICES, resolve_device
 from visiontune import distributed
@@ -174,6 +176,14 @@ def capture_rng_state() -> dict:
 
 
 def restore_rng_state(state: dict) -> None:
+    try:
+        _restore_rng_state(state)
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError, AttributeError) as error:
+        raise CheckpointError(f"the random-number state saved in {LAST_CHECKPOINT} is damaged ({type(error).__name__}: "
+                              f"{str(error)[:80]}); the run cannot continue exactly, start a new one") from None
+
+
+def _restore_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -191,7 +201,7 @@ def save_training_state(run_dir: Path, checkpoint: dict) -> None:
         return
     from visiontune.checkpoint import atomic_write
 
-    with atomic_write(run_dir / LAST_CHECKPOINT) as temporary:
+    with named_write_errors(run_dir / LAST_CHECKPOINT), atomic_write(run_dir / LAST_CHECKPOINT) as temporary:
         torch.save(checkpoint, temporary)
 
 
@@ -208,6 +218,7 @@ def load_training_state(run_dir: str | Path) -> dict:
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
         raise CheckpointError(f"{path} is not a visiontune training checkpoint (it holds no model state); "
                               "--resume needs a run folder written by 'visiontune train'")
+    require_finite(state["model"], str(path), "so the run cannot continue from it")
     return state
 
 
@@ -253,12 +264,33 @@ def load_run(run_dir: str | Path, checkpoint: str = "best", device: str | torch.
     # process's GPU (cuda:LOCAL_RANK); "cuda:1" or a torch.device is used as given.
     device = distributed.device_for_rank(resolve_device(device)) if device in DEVICES else torch.device(device)
     config = read_config(run_dir / CONFIG_FILE)
-    classes = json.loads((run_dir / CLASSES_FILE).read_text())
-    preprocessing = Preprocessing.from_dict(json.loads((run_dir / PREPROCESSING_FILE).read_text()))
+    classes = read_run_json(run_dir / CLASSES_FILE, list)
+    if not classes or not all(isinstance(name, str) for name in classes):
+        raise CheckpointError(f"{run_dir / CLASSES_FILE} is damaged: it must hold a list of class names")
+    preprocessing_values = read_run_json(run_dir / PREPROCESSING_FILE, dict)
+    try:
+        preprocessing = Preprocessing.from_dict(preprocessing_values)
+    except (KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{run_dir / PREPROCESSING_FILE} is damaged ({type(error).__name__}: {str(error)[:80]})") from None
     model = build_run_model(config, len(classes))
     _load_run_weights(model, run_dir, checkpoint)
     model.to(device).eval()
     return LoadedRun(model, classes, preprocessing, config, run_dir)
+
+
+def read_run_json(path: Path, kind: type) -> Any:
+    """A JSON file of a run folder, which must hold a ``kind`` (list or dict); a missing, unreadable
+    or damaged file is a one-line CheckpointError naming it."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing; the run folder is incomplete") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
+        raise CheckpointError(f"{path} is damaged or unreadable ({type(error).__name__}: {str(error)[:80]}); "
+                              "restore it from the run that wrote it") from None
+    if not isinstance(value, kind):
+        raise CheckpointError(f"{path} is damaged: it holds a {type(value).__name__}, not a {kind.__name__}")
+    return value
 
 
 def build_run_model(config: TrainConfig, num_classes: int) -> nn.Module:

@@ -21,9 +21,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-import yaml
-
-from visiontune.errors import VisiontuneError
+from visiontune.config import load_yaml_text
+from visiontune.errors import ConfigError, VisiontuneError
 
 log = logging.getLogger(__name__)
 
@@ -208,9 +207,10 @@ def _image_roots(run_dir: Path, config_text: str | None) -> list[Path]:
     """Folders a relative path in val_predictions.csv may be relative to: the data folder, the run."""
     roots = []
     try:
-        data = (yaml.safe_load(config_text or "") or {}).get("data")
-    except yaml.YAMLError:
-        data = None
+        values = load_yaml_text(config_text or "", "config.yaml")
+    except ConfigError:
+        values = None
+    data = values.get("data") if isinstance(values, dict) else None
     if data:
         data_path = Path(str(data)).expanduser()
         roots.append(data_path if data_path.is_dir() else data_path.parent)  # a CSV manifest's folder

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import torch
 
+from visiontune.checkpoint import load_weights
 from visiontune.distributed import is_main_process
+from visiontune.errors import CheckpointError
 from visiontune.training.loops import evaluate
 from visiontune.run.plots import plot_confusion, plot_curves
 from visiontune.run.report_html import write_report
@@ -49,11 +51,16 @@ class TensorBoardLog:
 
 
 def load_best_weights(setup: TrainingSetup, run_dir: Path) -> None:
-    from safetensors.torch import load_file
-
+    """Load best.safetensors into the model through load_weights, so that a damaged file (cut
+    short, a lying header, NaN, another model's tensors) is a one-line CheckpointError naming it."""
     path = run_dir / BEST_WEIGHTS
-    if path.is_file():
-        setup.model.load_state_dict(load_file(str(path), device=str(setup.device)))
+    if not path.is_file():
+        return
+    report = load_weights(setup.model, path, match="name")
+    if not report.complete or report.unexpected:
+        raise CheckpointError(f"{path} does not fit the run's model ({len(report.missing)} missing, "
+                              f"{len(report.mismatched)} mismatched, {len(report.unexpected)} unexpected tensors); "
+                              "it is damaged or was replaced: delete it and resume, or start a new run")
 
 
 def write_final_artifacts(setup: TrainingSetup, state: TrainingState, run_dir: Path) -> dict:

@@ -23,9 +23,10 @@ from visiontune import data, distributed
 from visiontune.checkpoint import load_weights
 from visiontune.checkpoint.suffixes import has_weight_suffix
 from visiontune.config import TrainConfig
+from visiontune.data.datasets import require_trainable
 from visiontune.device import (Precision, configure_threads, default_workers, prefers_channels_last, resolve_device,
                                resolve_precision)
-from visiontune.errors import DataError
+from visiontune.errors import ConfigError
 from visiontune.memory import MemoryBudget
 from visiontune.model import create
 from visiontune.model.anatomy import Anatomy, anatomy_of
@@ -78,6 +79,7 @@ def build_training(config: TrainConfig) -> TrainingSetup:
     memory_budget = MemoryBudget.from_available()  # measured once, before anything of the run is in memory
     split, train_set, val_set, val_samples, bad, preprocessing = _build_datasets(config, memory_budget)
     model, load_report = build_model(config, len(split.classes))
+    refuse_single_value_batchnorm(model, config, preprocessing.crop_size)
     model.to(device)
     if config.sync_bn:
         model = distributed.convert_sync_batchnorm(model, device)
@@ -141,6 +143,37 @@ def build_model(config: TrainConfig, num_classes: int) -> tuple[nn.Module, dict 
     return model, report.to_dict()
 
 
+def refuse_single_value_batchnorm(model: nn.Module, config: TrainConfig, crop_size: int) -> None:
+    """A BatchNorm layer in training mode needs more than one value per channel (batch x height x
+    width); with one image per step and a 1x1 feature map it would stop the first step with a
+    traceback. One eval-mode forward of one blank image (running statistics untouched) finds such
+    layers before training starts. The lone last image of an epoch is dropped by the train loader."""
+    batch_size = distributed.per_process_batch_size(config.batch_size)
+    norms = {name: module for name, module in model.named_modules()
+             if isinstance(module, nn.modules.batchnorm._BatchNorm)}
+    if batch_size > 1 or config.strategy == "linear-probe" or not norms:
+        return
+    single: list[str] = []
+    hooks = [module.register_forward_pre_hook(
+        lambda module, inputs, name=name: single.append(name) if inputs[0].numel() == inputs[0].shape[1] else None)
+        for name, module in norms.items()]
+    modes = {module: module.training for module in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, 3, crop_size, crop_size))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for module, training in modes.items():
+            module.training = training
+    if single:
+        raise ConfigError(
+            f"--batch-size {config.batch_size} gives {batch_size} image per step, and BatchNorm layer {single[0]} of "
+            f"{config.model} then sees a single value per channel at {crop_size} px, which it cannot normalise; "
+            "use --batch-size 2 or more (per process), a larger --image-size, or --strategy linear-probe")
+
+
 def build_loss(config: TrainConfig, train_targets: list[int], num_classes: int) -> nn.Module:
     """Cross-entropy with label smoothing; ``balance`` weights each class by n / (k * count).
 
@@ -177,15 +210,8 @@ def _build_datasets(config: TrainConfig, memory_budget: MemoryBudget):
         train_set = data.ImageDataset(train_samples, train_transform)
         val_set = data.ImageDataset(val_samples, eval_transform)
         bad = train_bad + val_bad
-    _require_images(train_set, val_set, config)
+    require_trainable(split, list(train_set.targets), list(val_set.targets), len(bad))  # after dropping unreadable files
     return split, train_set, val_set, val_samples, bad, preprocessing
-
-
-def _require_images(train_set: Dataset, val_set: Dataset, config: TrainConfig) -> None:
-    for name, dataset in (("training", train_set), ("validation", val_set)):
-        if len(dataset) == 0:
-            raise DataError(f"no readable {name} images in {config.data}; every file failed to decode "
-                            "(see the warnings above, or run with --on-bad-image error to stop at the first)")
 
 
 def _train_loader(dataset: Dataset, config: TrainConfig, workers: int, device: torch.device) -> DataLoader:
