@@ -78,5 +78,5 @@ def test_no_readable_training_image_is_a_data_error(tmp_path):
     folder = make_image_folder(tmp_path / "data", classes=("red", "green"), per_class=1, val_per_class=1)
     for path in (folder / "train").rglob("*.png"):
         path.write_bytes(b"not an image")
-    with pytest.raises(DataError, match="no readable training images"):
+    with pytest.raises(DataError, match="no readable training image left for 2 class"):
         build_training(_config(folder))
