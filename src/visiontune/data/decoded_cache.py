@@ -27,7 +27,7 @@ import torch
 import torch.utils.data
 
 from visiontune.data.datasets import Sample
-from visiontune.data.images import RGB, BadImageError, check_bad_image_policy, load_image, map_in_threads
+from visiontune.data.images import DEFAULT_BACKGROUND, RGB, BadImageError, check_bad_image_policy, load_image, map_in_threads
 from visiontune.data.transforms import interpolation_mode, resize_to_square
 from visiontune.errors import ConfigError
 
@@ -81,7 +81,7 @@ def decode_to_uint8(
     crop_size: int | None = None,
     interpolation: str = "bilinear",
     on_bad_image: str = "skip",
-    background: RGB = (255, 255, 255),
+    background: RGB = DEFAULT_BACKGROUND,
 ) -> DecodedImages:
     """Decode, resize (short side to ``size``) and square-crop every sample once, into one uint8 tensor.
 
