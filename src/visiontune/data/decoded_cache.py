@@ -27,7 +27,8 @@ import torch
 import torch.utils.data
 
 from visiontune.data.datasets import Sample
-from visiontune.data.images import DEFAULT_BACKGROUND, RGB, BadImageError, check_bad_image_policy, load_image, map_in_threads
+from visiontune.data.images import (DEFAULT_BACKGROUND, RGB, BadImageError, check_bad_image_policy, load_image,
+                                    map_in_threads)
 from visiontune.data.transforms import interpolation_mode, resize_to_square
 from visiontune.errors import ConfigError
 
