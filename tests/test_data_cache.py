@@ -19,7 +19,7 @@ from visiontune.data import (
     decoded_bytes,
     fits_in_memory,
 )
-from visiontune.data.decoded_cache import _square_offset
+from visiontune.data.transforms import _square_offset
 from visiontune.model.preprocessing import Preprocessing
 
 # resize - crop is odd (31 - 24 = 7): torchvision's rounded centre offsets then disagree with a

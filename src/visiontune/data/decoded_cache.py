@@ -6,11 +6,12 @@ dataset that fits in memory, :func:`decode_to_uint8` does it once, up front, on 
 Up front rather than "during the first epoch" because data-loader workers are separate processes:
 what a worker caches never reaches the main process or the next epoch's workers.
 
-What is stored: the image resized by Pillow so its short side is ``size`` (the weights'
-``resize_size``), then cropped to a ``size x size`` square around the centre. The square's offset is
-chosen so that a later ``CenterCrop(crop_size)`` lands on exactly the pixels it would take from the
-full resized image, so the evaluation transform gives bit-identical tensors to
-:class:`~visiontune.data.ImageDataset` (its ``Resize`` is a no-op on a tensor already at ``size``).
+What is stored: what :class:`~visiontune.data.transforms.EvalTransform` computes from a picture
+before its centre crop, by the same function (:func:`~visiontune.data.transforms.resize_to_square`):
+the image resized by Pillow so its short side is ``size`` (the weights' ``resize_size``), then cut
+to a ``size x size`` square whose offset makes ``CenterCrop(crop_size)`` land on exactly the pixels
+it would take from the full resized image. So the evaluation transform gives bit-identical tensors
+here, on files (:class:`~visiontune.data.ImageDataset`), in ``evaluate`` and in ``predict``.
 Random augmentation (RandomResizedCrop) then samples from the central square only, which loses
 the far ends of wide images: a documented trade-off for bounded, stackable memory.
 """
@@ -23,13 +24,11 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.utils.data
-from PIL import Image
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms.v2 import functional as F
 
-from visiontune.data.images import RGB, BadImageError, check_bad_image_policy, load_image, map_in_threads
+from visiontune.data.images import (DEFAULT_BACKGROUND, RGB, BadImageError, check_bad_image_policy, load_image,
+                                    map_in_threads)
 from visiontune.data.samples import Sample
-from visiontune.data.transforms import interpolation_mode
+from visiontune.data.transforms import interpolation_mode, resize_to_square
 from visiontune.errors import ConfigError
 from visiontune.memory import MemoryBudget
 
@@ -67,7 +66,7 @@ def decode_to_uint8(
     crop_size: int | None = None,
     interpolation: str = "bilinear",
     on_bad_image: str = "skip",
-    background: RGB = (255, 255, 255),
+    background: RGB = DEFAULT_BACKGROUND,
 ) -> DecodedImages:
     """Decode, resize (short side to ``size``) and square-crop every sample once, into one uint8 tensor.
 
@@ -90,7 +89,7 @@ def decode_to_uint8(
             picture = load_image(samples[index].path, background)
         except BadImageError as error:
             return error.reason
-        images[index] = _resize_and_square(picture, size, crop_size or size, mode)
+        images[index] = resize_to_square(picture, size, crop_size or size, mode)  # as EvalTransform does
         return None
 
     kept, bad = [], []
@@ -111,23 +110,6 @@ def decode_to_uint8(
         samples=good,
         bad=bad,
     )
-
-
-def _resize_and_square(picture: Image.Image, size: int, crop_size: int, mode: InterpolationMode) -> torch.Tensor:
-    resized = F.resize(picture, [size], interpolation=mode, antialias=True)  # the same call v2.Resize makes
-    width, height = resized.size
-    top = _square_offset(height, size, crop_size)
-    left = _square_offset(width, size, crop_size)
-    return F.pil_to_tensor(resized.crop((left, top, left + size, top + size)))
-
-
-def _square_offset(length: int, size: int, crop_size: int) -> int:
-    """Where to cut ``size`` out of ``length`` so that centre-cropping ``crop_size`` from the cut
-    gives the same pixels as centre-cropping it from the whole (torchvision rounds each half-offset,
-    so cutting at the plain centre can be off by one pixel)."""
-    direct = int(round((length - crop_size) / 2.0))
-    within = int(round((size - crop_size) / 2.0))
-    return min(max(direct - within, 0), length - size)
 
 
 def _compact(images: torch.Tensor, kept: list[int]) -> None:

@@ -30,6 +30,7 @@ IMAGE_EXTENSIONS = frozenset(
 )
 BAD_IMAGE_POLICIES = ("skip", "error")
 RGB = tuple[int, int, int]
+DEFAULT_BACKGROUND: RGB = (255, 255, 255)  # what transparent pixels become; exported models' metadata says so
 
 # Modes whose samples are wider than 8 bits; converted by value range, never by clipping.
 _HIGH_BIT_DEPTH_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
@@ -53,7 +54,7 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
-def load_image(path: str | Path, background: RGB = (255, 255, 255)) -> Image.Image:
+def load_image(path: str | Path, background: RGB = DEFAULT_BACKGROUND) -> Image.Image:
     """Decode ``path`` into an upright 8-bit RGB image; raise :class:`BadImageError` if it cannot be read.
 
     Transparent pixels are alpha-composited onto ``background`` (fully transparent ones become
@@ -171,7 +172,7 @@ def check_images(
 
     def probe(sample) -> str | None:
         try:
-            _decode(Path(sample.path), (255, 255, 255), draft_size=64)
+            _decode(Path(sample.path), DEFAULT_BACKGROUND, draft_size=64)
         except BadImageError as error:
             return error.reason
         return None

@@ -4,6 +4,11 @@ Every transform accepts a ``PIL.Image`` (from :class:`~visiontune.data.ImageData
 ``CHW`` tensor (from :class:`~visiontune.data.InMemoryDataset`) and returns a plain float tensor.
 Geometric steps run before ``ToImage`` so that a PIL input is resized by Pillow, exactly as
 torchvision's ``weights.transforms()`` does.
+
+:class:`EvalTransform` is the one implementation of the evaluation preprocessing: the run's own
+validation, ``evaluate``, ``predict``, ``load_run().predict`` and the inputs that verify an exported
+model all call it (after :func:`~visiontune.data.load_image`), so they feed the model the same
+tensor bit for bit and a difference in their numbers can only come from the model.
 """
 
 from __future__ import annotations
@@ -11,8 +16,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
 
 from visiontune.errors import ConfigError
 from visiontune.model.preprocessing import Preprocessing
@@ -44,19 +51,63 @@ def interpolation_mode(name: str) -> InterpolationMode:
         raise ConfigError(f"unknown interpolation {name!r}; choose one of: {', '.join(INTERPOLATIONS)}") from None
 
 
-def build_eval_transform(preprocessing: Preprocessing) -> v2.Compose:
-    """Resize the short side, centre-crop, scale to [0, 1], normalise: ``weights.transforms()``."""
-    interpolation = interpolation_mode(preprocessing.interpolation)
-    return v2.Compose(
-        [
-            v2.Resize(preprocessing.resize_size, interpolation=interpolation, antialias=True),
-            v2.CenterCrop(preprocessing.crop_size),
-            *_to_normalized_tensor(preprocessing),
-        ]
-    )
+class EvalTransform:
+    """The weights' evaluation preprocessing (``weights.transforms()``): resize the short side to
+    ``resize_size``, centre-crop ``crop_size``, scale to [0, 1], normalise with ``mean``/``std``.
+
+    A ``PIL.Image`` is resized by Pillow (antialiased) and cut to its central ``resize_size`` square
+    by :func:`resize_to_square`: the very function that fills the decode-once cache, whose uint8
+    squares therefore skip that step (``resize`` is a no-op on a tensor whose short side is already
+    ``resize_size``). Other tensors are resized by torchvision on the tensor."""
+
+    def __init__(self, preprocessing: Preprocessing):
+        self.preprocessing = preprocessing
+        self.interpolation = interpolation_mode(preprocessing.interpolation)
+        self.finish = v2.Compose([v2.CenterCrop(preprocessing.crop_size), *_to_normalized_tensor(preprocessing)])
+
+    def resize(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
+        """The resized uint8 ``CHW`` tensor, before the centre crop (what the decode-once cache stores)."""
+        size, crop_size = self.preprocessing.resize_size, self.preprocessing.crop_size
+        if isinstance(image, Image.Image):
+            return resize_to_square(image, size, crop_size, self.interpolation)
+        return F.resize(image, [size], interpolation=self.interpolation, antialias=True)
+
+    def __call__(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
+        return self.finish(self.resize(image))
+
+    def __repr__(self) -> str:
+        return f"EvalTransform({self.preprocessing})"
 
 
-def build_transforms(preprocessing: Preprocessing, augment: str = "basic") -> tuple[v2.Compose, v2.Compose]:
+def resize_to_square(picture: Image.Image, size: int, crop_size: int, mode: InterpolationMode) -> torch.Tensor:
+    """``picture`` resized by Pillow so its short side is ``size``, then cut to the ``size x size``
+    square from which ``CenterCrop(crop_size)`` takes exactly the pixels it would take from the
+    whole resized picture; a uint8 ``CHW`` tensor. (With ``crop_size > size`` nothing is cut: the
+    crop pads.)"""
+    resized = F.resize(picture, [size], interpolation=mode, antialias=True)  # the same call v2.Resize makes
+    width, height = resized.size
+    if crop_size > size:
+        return F.pil_to_tensor(resized)
+    top = _square_offset(height, size, crop_size)
+    left = _square_offset(width, size, crop_size)
+    return F.pil_to_tensor(resized.crop((left, top, left + size, top + size)))
+
+
+def _square_offset(length: int, size: int, crop_size: int) -> int:
+    """Where to cut ``size`` out of ``length`` so that centre-cropping ``crop_size`` from the cut
+    gives the same pixels as centre-cropping it from the whole (torchvision rounds each half-offset,
+    so cutting at the plain centre can be off by one pixel)."""
+    direct = int(round((length - crop_size) / 2.0))
+    within = int(round((size - crop_size) / 2.0))
+    return min(max(direct - within, 0), length - size)
+
+
+def build_eval_transform(preprocessing: Preprocessing) -> EvalTransform:
+    """The evaluation transform of ``preprocessing`` (see :class:`EvalTransform`)."""
+    return EvalTransform(preprocessing)
+
+
+def build_transforms(preprocessing: Preprocessing, augment: str = "basic") -> tuple[Callable, EvalTransform]:
     """``(train_transform, eval_transform)`` for ``preprocessing``.
 
     ``augment``: ``"none"`` (the eval transform, deterministic), ``"basic"`` (RandomResizedCrop +
@@ -92,6 +143,8 @@ def is_deterministic(transform: Callable) -> bool:
     """True when ``transform`` (a v2 ``Compose`` or single transform) has no random step."""
     if isinstance(transform, v2.Compose):
         return all(is_deterministic(step) for step in transform.transforms)
+    if isinstance(transform, EvalTransform):
+        return is_deterministic(transform.finish)
     return isinstance(transform, _DETERMINISTIC)
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from visiontune.data.images import DEFAULT_BACKGROUND
 from visiontune.errors import VisiontuneError
 from visiontune.model.outputs import main_logits
 
@@ -269,9 +270,17 @@ def describe_export(format: str, path: Path, input_shape: tuple[int, ...], class
         "classes": list(classes),
         "preprocessing": {
             **preprocessing,
+            # What load_image does before the steps: without it a transparent or 16-bit file gives
+            # the exported model other pixels than training's validation saw.
+            "decode": ("to 8-bit RGB: EXIF orientation applied; transparent pixels (RGBA, LA, palette with a "
+                       "transparent colour) alpha-composited onto the background colour; grey replicated to "
+                       "3 channels; 16-bit samples scaled by 255/65535; first frame of an animation"),
+            "background": list(DEFAULT_BACKGROUND),
+            "python": ("visiontune.data.build_eval_transform(visiontune.model.preprocessing.Preprocessing"
+                       ".from_dict(preprocessing))(visiontune.data.load_image(path))"),
             "steps": [
                 (f"resize the shorter side to {preprocessing.get('resize_size')} px "
-                 f"({preprocessing.get('interpolation', 'bilinear')} interpolation)"),
+                 f"({preprocessing.get('interpolation', 'bilinear')} interpolation, Pillow, antialiased)"),
                 f"centre-crop {preprocessing.get('crop_size')} x {preprocessing.get('crop_size')}",
                 "scale pixel values to [0, 1]",
                 "subtract mean and divide by std, per RGB channel",

@@ -148,10 +148,10 @@ def _image_batches(
 ) -> Iterator[tuple[list, torch.Tensor]]:
     """Decode and transform images on threads; yield ``(paths, batch tensor)`` on the model's device.
     Unreadable files are appended to ``skipped``."""
-    from visiontune.data import build_transforms, load_image
+    from visiontune.data import build_eval_transform, load_image
     from visiontune.data.images import BadImageError, map_in_threads
 
-    eval_transform = build_transforms(run.preprocessing, augment="none")[1]
+    eval_transform = build_eval_transform(run.preprocessing)  # the run's validation's own transform
     device = _model_device(run.model)
 
     def prepare(path) -> torch.Tensor | str:
