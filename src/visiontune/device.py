@@ -37,6 +37,11 @@ class Precision:
         return self.dtype is torch.float16
 
 
+# Every evaluation runs in float32, whatever the training precision: the per-epoch validation, the
+# final report, evaluate, predict and an exported file then compute the same numbers (bf16 autocast
+# would move probabilities by ~1e-2 and accuracy by whole images, and could pick another best epoch).
+EVAL_PRECISION = Precision(None)
+
 DEVICES = ("auto", "cpu", "cuda")  # the names resolve_device (and every --device flag) takes
 
 

@@ -20,7 +20,7 @@ import torch
 
 from visiontune import distributed
 from visiontune.config import TrainConfig, config_from_dict, validate
-from visiontune.device import out_of_memory_error
+from visiontune.device import EVAL_PRECISION, out_of_memory_error
 from visiontune.errors import ConfigError
 from visiontune.run.folder import (LAST_CHECKPOINT, capture_rng_state, check_run_dir, default_run_dir,
                                    load_training_state, prepare_run_dir, restore_rng_state, save_best_weights,
@@ -188,7 +188,7 @@ def fit(setup: TrainingSetup, state: TrainingState, run_dir: Path, reporter: Rep
                 grad_clip=config.grad_clip, on_batch=reporter.advance)
             distributed.sync_buffers_from_main(model)  # BN statistics: every process evaluates rank 0's model
             evaluation = evaluate(inputs.model, inputs.val_loader, setup.device, setup.classes,
-                                  precision=setup.precision)
+                                  precision=EVAL_PRECISION)
             require_finite(evaluation.metrics["loss"], "validation loss")  # before anything is saved
             state.feature_cache.update(phase_inputs.plans)
             row = _metrics_row(epoch + 1, phase.name, stats, evaluation.metrics, evaluation.seconds)

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from visiontune.checkpoint import load_weights
-from visiontune.device import Precision
+from visiontune.device import EVAL_PRECISION
 from visiontune.distributed import is_main_process
 from visiontune.errors import CheckpointError
 from visiontune.training.loops import evaluate
@@ -68,11 +68,9 @@ def write_final_artifacts(setup: TrainingSetup, state: TrainingState, run_dir: P
     """Evaluate the best weights on the validation set and write val_predictions.csv, report.json,
     metrics.csv, curves.png, confusion.png and report.html. Returns the final metrics."""
     load_best_weights(setup, run_dir)
-    # In float32 whatever the training precision: this report describes the model that evaluate,
-    # predict and an exported file run (all float32); bf16 autocast would move its probabilities
-    # by ~1e-2 and its accuracy by whole images.
+    # In EVAL_PRECISION (float32): this report describes the model evaluate, predict and an export run.
     evaluation = evaluate(setup.model, setup.val_loader, setup.device, setup.classes,
-                          precision=Precision(None), keep_predictions=True)
+                          precision=EVAL_PRECISION, keep_predictions=True)
     if not is_main_process():
         return evaluation.metrics
     classes = setup.classes
