@@ -29,9 +29,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from visiontune.data import discover, load_image
 from visiontune.data.images import DEFAULT_BACKGROUND
+from visiontune.data.transforms import build_eval_transform
 from visiontune.errors import VisiontuneError
 from visiontune.model.outputs import main_logits
+from visiontune.run.folder import load_run
 
 log = logging.getLogger(__name__)
 
@@ -297,8 +300,6 @@ def export_run(run_dir: str | Path, format: str = "onnx", out: str | Path | None
     """Export a run's model to ``out`` (default ``RUN/model.onnx`` / ``RUN/model.pt``), verify it on
     validation images of the run's data (random inputs when the data is not reachable), and write
     ``out.json``. Raises :class:`ExportVerificationError` (and removes the file) on a mismatch."""
-    from visiontune.run.folder import load_run
-
     check_format(format)
     if format == "onnx":
         require_onnx_runtime()
@@ -339,9 +340,6 @@ def validation_inputs(run, count: int) -> tuple[torch.Tensor, str]:
 def _validation_images(run, count: int) -> torch.Tensor | None:
     if not run.config.data or not Path(run.config.data).exists():
         return None
-    from visiontune.data import discover, load_image
-    from visiontune.data.transforms import build_eval_transform
-
     split = discover(run.config.data, val_split=run.config.val_split, seed=run.config.seed)
     samples = split.val or split.train
     if not samples:

@@ -22,6 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from visiontune import distributed
+from visiontune.data import build_eval_transform, load_image, scan_labelled
+from visiontune.data.datasets import VAL_DIRS, list_images
+from visiontune.data.images import IMAGE_EXTENSIONS, BadImageError, map_in_threads
 from visiontune.errors import DataError
 from visiontune.metrics import ClassificationMetrics
 from visiontune.model.outputs import main_logits
@@ -63,9 +66,6 @@ def collect_images(paths: Iterable[str | Path]) -> list[Path]:
     """Image files named directly or found (recursively) in the given folders, in the order given.
 
     A path that does not exist, or no image at all, raises DataError."""
-    from visiontune.data.datasets import list_images
-    from visiontune.data.images import IMAGE_EXTENSIONS
-
     found: list[Path] = []
     for raw in paths:
         path = Path(raw).expanduser()
@@ -107,8 +107,6 @@ def evaluate_run(run, data: str | Path, batch_size: int = 64, across_processes: 
     when ``data`` is a dataset root, or a CSV manifest). Class folders may be a subset of the
     run's classes; a class the model does not know is a DataError. ``across_processes``: see the
     module docstring."""
-    from visiontune.data import scan_labelled
-
     samples = scan_labelled(data, list(run.classes))
     labels = {str(sample.path): sample.label for sample in samples}
     metrics = ClassificationMetrics(list(run.classes))
@@ -148,9 +146,6 @@ def _image_batches(
 ) -> Iterator[tuple[list, torch.Tensor]]:
     """Decode and transform images on threads; yield ``(paths, batch tensor)`` on the model's device.
     Unreadable files are appended to ``skipped``."""
-    from visiontune.data import build_eval_transform, load_image
-    from visiontune.data.images import BadImageError, map_in_threads
-
     eval_transform = build_eval_transform(run.preprocessing)  # the run's validation's own transform
     device = _model_device(run.model)
 
@@ -186,8 +181,6 @@ def _model_device(model: torch.nn.Module) -> torch.device:
 
 def _evaluated_root(data: str | Path, classes: Sequence[str]) -> str:
     """The folder ``scan_labelled`` read: ``data`` itself, or its val/ folder for a dataset root."""
-    from visiontune.data.datasets import VAL_DIRS
-
     root = Path(data).expanduser().absolute()
     val_dir = next((root / name for name in VAL_DIRS if (root / name).is_dir()), None)
     return str(val_dir if val_dir is not None and val_dir.name not in classes else root)

@@ -18,8 +18,9 @@ from torch import nn
 from visiontune import distributed
 from visiontune.device import Precision, autocast
 from visiontune.errors import VisiontuneError
-from visiontune.model.outputs import main_logits
+from visiontune.metrics import ClassificationMetrics
 from visiontune.model.freeze import set_train_mode  # the BatchNorm policy lives with freezing; re-exported here
+from visiontune.model.outputs import main_logits
 from visiontune.training.schedule import Schedule, set_learning_rates
 
 # torchvision's weights for the auxiliary classifiers' losses (GoogLeNet has two, Inception v3 one).
@@ -175,8 +176,6 @@ def evaluate(
     keep_predictions: bool = False,
 ) -> Evaluation:
     """Plain (unweighted, unsmoothed) cross-entropy and classification metrics over ``loader``."""
-    from visiontune.metrics import ClassificationMetrics
-
     model.eval()
     started = time.perf_counter()
     metrics = ClassificationMetrics(classes)
