@@ -1,5 +1,10 @@
 """Reading checkpoints safely, and writing files atomically.
 
+Every file visiontune writes goes through :func:`atomic_write` (or its two shorthands for bytes and
+text): a temporary file in the same folder, ``fsync``, then ``os.replace``. The rename replaces
+whatever entry has the name, so a symbolic link planted in a run folder is replaced by the new
+file and the file it pointed to is never written to.
+
 ``read_checkpoint`` never runs code stored in a file unless the caller explicitly allows it: ``.pth``
 and friends go through ``torch.load(weights_only=True)``, ``.safetensors`` through safetensors. The
 format is sniffed from the first bytes rather than trusted from the suffix, so a renamed file, a
@@ -13,6 +18,7 @@ import contextlib
 import logging
 import os
 import pickle
+import shutil
 import tempfile
 import zipfile
 from collections.abc import Iterator
@@ -169,6 +175,50 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             temp_path.unlink()
         raise
+
+
+@contextlib.contextmanager
+def atomic_files(folder: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty staging folder inside ``folder``; on success move every file written there
+    into ``folder`` under the same name (each with ``os.replace``, as :func:`atomic_write` does).
+
+    For writers that pick file names themselves (an ONNX file and its external ``.data`` file).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".visiontune-", suffix=".tmp", dir=folder))
+    try:
+        yield staging
+        for written in sorted(staging.iterdir()):
+            _fsync_file(written)
+            os.replace(written, folder / written.name)
+        _fsync_folder(folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_bytes_atomically(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through :func:`atomic_write` (never through a symlink at ``path``)."""
+    with atomic_write(path) as temporary:
+        temporary.write_bytes(data)
+    return Path(path)
+
+
+def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
+    """Write UTF-8 ``text`` to ``path`` through :func:`atomic_write`."""
+    return write_bytes_atomically(path, text.encode("utf-8"))
+
+
+def same_file(first: str | os.PathLike, second: str | os.PathLike) -> bool:
+    """Whether two paths name one file: the same resolved path, or (both existing) the same inode,
+    which catches a symlink or a hard link to the other."""
+    first, second = Path(first).expanduser(), Path(second).expanduser()
+    if first.resolve() == second.resolve():
+        return True
+    try:
+        return os.path.samefile(first, second)
+    except OSError:  # one of them does not exist (yet): then they cannot be one file
+        return False
 
 
 def _current_umask() -> int:

@@ -21,9 +21,7 @@ def save_weights(model_or_state_dict, path: str | os.PathLike) -> Path:
     or ``.pth``/``.pt``/``.bin``/``.ckpt`` (a ``torch.save`` of the state dict). A path without a
     suffix gets ``.safetensors``. Both formats round-trip every tensor bit-exactly.
     """
-    path = Path(path)
-    if not path.suffix:
-        path = path.with_suffix(".safetensors")
+    path = weights_path(path)
     state_dict = _as_state_dict(model_or_state_dict)
     if path.suffix == ".safetensors":
         _save_safetensors(state_dict, path)
@@ -33,6 +31,12 @@ def save_weights(model_or_state_dict, path: str | os.PathLike) -> Path:
         raise CheckpointError(f"Cannot save weights to '{path}': unknown suffix {path.suffix!r}. Use .safetensors (recommended) or one of {', '.join(TORCH_SUFFIXES)}.")
     logger.info("saved %d tensors to %s", len(state_dict), path)
     return path
+
+
+def weights_path(path: str | os.PathLike) -> Path:
+    """Where :func:`save_weights` writes for ``path``: a path without a suffix gets ``.safetensors``."""
+    path = Path(path)
+    return path if path.suffix else path.with_suffix(".safetensors")
 
 
 def _as_state_dict(model_or_state_dict) -> dict:

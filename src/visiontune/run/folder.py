@@ -8,6 +8,11 @@
 phase, RNG states, config, history) and loads with ``torch.load(weights_only=True)``: it holds
 only tensors and plain Python values, no numpy arrays or pickled objects.
 
+Every file is written through :func:`visiontune.checkpoint.io.atomic_write`, which replaces a
+symbolic link rather than writing through it, and every file read back goes through
+:func:`run_file`, which accepts only a regular file inside the run folder: a run folder received
+from someone else can neither make visiontune overwrite nor reveal a file elsewhere.
+
 Only the main process writes (:func:`visiontune.device.is_main_process`), so distributed
 training can call the same functions from every rank.
 """
@@ -17,10 +22,11 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import random
 import re
-import shutil
 import time
+from io import StringIO
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from visiontune.checkpoint.io import atomic_write, write_text_atomically
 from visiontune.config import TrainConfig, read_config, save_config
 from visiontune.device import is_main_process
 from visiontune.errors import CheckpointError, ConfigError
@@ -46,9 +53,14 @@ REPORT_FILE = "report.json"
 VAL_PREDICTIONS_FILE = "val_predictions.csv"
 CURVES_FILE = "curves.png"
 CONFUSION_FILE = "confusion.png"
+REPORT_HTML = "report.html"
 TENSORBOARD_DIR = "tensorboard"
+TENSORBOARD_EVENTS = "events.out.tfevents.*"  # the only files visiontune's SummaryWriter writes there
 RUN_FILES = (CONFIG_FILE, CLASSES_FILE, PREPROCESSING_FILE, METRICS_FILE, BEST_WEIGHTS, LAST_CHECKPOINT,
-             REPORT_FILE, VAL_PREDICTIONS_FILE, CURVES_FILE, CONFUSION_FILE)
+             REPORT_FILE, VAL_PREDICTIONS_FILE, CURVES_FILE, CONFUSION_FILE, REPORT_HTML)
+# `visiontune export` writes these into the run by default (visiontune.run.export.SUFFIXES); an
+# --overwrite removes them too, so no exported model of the old run survives beside the new one.
+EXPORT_FILES = ("model.onnx", "model.onnx.json", "model.onnx.data", "model.pt", "model.pt.json")
 METRICS_COLUMNS = ("epoch", "phase", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5",
                    "val_macro_f1", "seconds", "images_per_s")
 
@@ -63,27 +75,97 @@ def default_run_dir(model_name: str, root: str | Path = "runs") -> Path:
 
 
 def check_run_dir(path: str | Path, overwrite: bool = False) -> Path:
-    """Refuse a run folder that exists and is not empty, unless ``overwrite``."""
+    """Refuse a run folder that exists and is not empty, unless ``overwrite`` and it is a run folder
+    (a folder of a user's own files is never a place to --overwrite)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"run folder {path} exists and is a file; choose another --out")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
+    if not path.is_dir() or not any(path.iterdir()):
+        return path
+    if not overwrite:
         raise ConfigError(f"run folder {path} already exists; pass --overwrite to replace it, "
                           f"--resume {path} to continue it, or choose another --out")
+    if not is_run_folder(path):
+        names = sorted(entry.name for entry in path.iterdir())
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        raise ConfigError(f"--overwrite refused: {path} is not a visiontune run folder (no {CONFIG_FILE}) and holds "
+                          f"other files ({shown}); --overwrite replaces only a run's own files, so choose a new or "
+                          "empty --out")
     return path
+
+
+def is_run_folder(path: str | Path) -> bool:
+    """Whether ``path`` holds a run's config.yaml (a regular file, not a link to one)."""
+    config = Path(path) / CONFIG_FILE
+    return config.is_file() and not config.is_symlink()
 
 
 def prepare_run_dir(path: str | Path, overwrite: bool = False) -> Path:
     """Create the run folder. An existing, non-empty one is refused unless ``overwrite``, and then
     only visiontune's own files are removed (never anything else a user keeps there)."""
     path = check_run_dir(path, overwrite)
-    if path.is_dir() and any(path.iterdir()):
-        if is_main_process():
-            for name in RUN_FILES:
-                (path / name).unlink(missing_ok=True)
-            shutil.rmtree(path / TENSORBOARD_DIR, ignore_errors=True)
     if is_main_process():
+        if path.is_dir():
+            remove_run_files(path)
         path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def remove_run_files(run_dir: Path) -> None:
+    """Delete the files visiontune writes into a run folder, by name, and nothing else: a user's
+    notes, or their own files under tensorboard/, stay. A symlink is removed, not what it points to."""
+    for name in (*RUN_FILES, *EXPORT_FILES):
+        _remove_file(run_dir / name)
+    for name in RUN_FILES:
+        for leftover in run_dir.glob(f".{name}.*.tmp"):  # atomic_write's temporary files from a killed run
+            _remove_file(leftover)
+    board = run_dir / TENSORBOARD_DIR
+    if board.is_symlink():
+        board.unlink()
+    elif board.is_dir():
+        for events in board.glob(TENSORBOARD_EVENTS):
+            _remove_file(events)
+        if not any(board.iterdir()):
+            board.rmdir()
+
+
+def _remove_file(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+
+
+def discard_unfinished_run(run_dir: Path) -> None:
+    """After an interruption before the first epoch: remove what the run wrote (the header files),
+    and the folder itself if that leaves it empty, so the same command can simply be run again."""
+    if not is_main_process() or not run_dir.is_dir() or (run_dir / LAST_CHECKPOINT).exists():
+        return
+    remove_run_files(run_dir)
+    if not any(run_dir.iterdir()):
+        run_dir.rmdir()
+
+
+def run_file(run_dir: str | Path, name: str) -> Path:
+    """``RUN/name`` for reading, refused (ConfigError) unless it is absent or a regular file inside
+    the run folder: a symlink could make visiontune read, embed in report.html or load a file that
+    is not the run's."""
+    run_dir = Path(run_dir)
+    path = run_dir / name
+    if path.is_symlink():
+        raise ConfigError(f"{path} is a symbolic link (to {os.readlink(path)}), not a file the run wrote; "
+                          "visiontune reads only regular files inside a run folder: replace the link with the real file")
+    if path.exists() and (not path.is_file() or path.resolve().parent != run_dir.resolve()):
+        raise ConfigError(f"{path} is not a regular file inside the run folder {run_dir}; "
+                          f"put the run's own {name} there")
+    return path
+
+
+def run_subfolder(run_dir: str | Path, name: str) -> Path:
+    """``RUN/name`` as a folder to write into, refused when it is a symlink (files would land
+    wherever it points) or not a folder."""
+    path = Path(run_dir) / name
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise ConfigError(f"{path} is a symbolic link or a file, not the run's own {name}/ folder; "
+                          "remove it (visiontune recreates it)")
     return path
 
 
@@ -103,10 +185,7 @@ def _json_default(value: Any) -> Any:
 
 
 def _atomic_text(path: Path, text: str) -> None:
-    from visiontune.checkpoint import atomic_write
-
-    with atomic_write(path) as temporary:
-        Path(temporary).write_text(text)
+    write_text_atomically(path, text)
 
 
 def write_run_header(run_dir: Path, config: TrainConfig, classes: list[str], preprocessing: Preprocessing) -> None:
@@ -137,7 +216,7 @@ def _csv_cell(value: Any) -> str:
 
 
 def read_metrics_csv(run_dir: str | Path) -> list[dict]:
-    with open(Path(run_dir) / METRICS_FILE, newline="") as handle:
+    with open(run_file(run_dir, METRICS_FILE), newline="") as handle:
         return list(csv.DictReader(handle))
 
 
@@ -145,8 +224,6 @@ def write_val_predictions(run_dir: Path, rows: list[dict]) -> None:
     """``path,label,predicted,confidence,loss`` per validation image (the best model's)."""
     if not is_main_process():
         return
-    from io import StringIO
-
     buffer = StringIO()
     writer = csv.DictWriter(buffer, fieldnames=["path", "label", "predicted", "confidence", "loss"], lineterminator="\n")
     writer.writeheader()
@@ -184,14 +261,12 @@ def save_training_state(run_dir: Path, state: dict) -> None:
     """Write last.ckpt atomically: an interruption leaves the previous complete checkpoint."""
     if not is_main_process():
         return
-    from visiontune.checkpoint import atomic_write
-
     with atomic_write(run_dir / LAST_CHECKPOINT) as temporary:
         torch.save(state, temporary)
 
 
 def load_training_state(run_dir: str | Path) -> dict:
-    path = Path(run_dir) / LAST_CHECKPOINT
+    path = run_file(run_dir, LAST_CHECKPOINT)
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist; --resume needs a run folder written by 'visiontune train'")
     from visiontune.checkpoint import read_checkpoint
@@ -235,13 +310,13 @@ def load_run(run_dir: str | Path, checkpoint: str = "best", device: str | torch.
     """Rebuild the run's model and load ``best.safetensors`` (``checkpoint="best"``) or the model
     in ``last.ckpt`` (``"last"``)."""
     run_dir = Path(run_dir)
-    if not (run_dir / CONFIG_FILE).is_file():
+    if not run_file(run_dir, CONFIG_FILE).is_file():
         raise ConfigError(f"{run_dir} is not a visiontune run folder (no {CONFIG_FILE}); give the --out of a training run")
     if checkpoint not in ("best", "last"):
         raise ConfigError(f"checkpoint must be 'best' or 'last', got {checkpoint!r}")
     config = read_config(run_dir / CONFIG_FILE)
-    classes = json.loads((run_dir / CLASSES_FILE).read_text())
-    preprocessing = Preprocessing.from_dict(json.loads((run_dir / PREPROCESSING_FILE).read_text()))
+    classes = json.loads(run_file(run_dir, CLASSES_FILE).read_text())
+    preprocessing = Preprocessing.from_dict(json.loads(run_file(run_dir, PREPROCESSING_FILE).read_text()))
     model = build_run_model(config, len(classes))
     _load_run_weights(model, run_dir, checkpoint)
     model.to(device).eval()
@@ -263,7 +338,7 @@ def _load_run_weights(model: nn.Module, run_dir: Path, checkpoint: str) -> None:
     if checkpoint == "last":
         path, source = run_dir / LAST_CHECKPOINT, load_training_state(run_dir)["model"]
     else:
-        path = source = run_dir / BEST_WEIGHTS
+        path = source = run_file(run_dir, BEST_WEIGHTS)
         if not path.is_file():
             raise CheckpointError(f"{path} does not exist; the run may not have finished an epoch (try checkpoint='last')")
     report = load_weights(model, source, match="name")

@@ -20,7 +20,8 @@ from visiontune import distributed
 from visiontune.config import TrainConfig, config_from_dict, validate
 from visiontune.errors import ConfigError
 from visiontune.training.loops import EpochStats, NonFiniteLossError, evaluate, require_finite, train_one_epoch
-from visiontune.run.folder import (capture_rng_state, check_run_dir, default_run_dir, load_training_state, prepare_run_dir,
+from visiontune.run.folder import (capture_rng_state, check_run_dir, default_run_dir, discard_unfinished_run,
+                                   load_training_state, prepare_run_dir,
                             restore_rng_state, save_best_weights, save_training_state, write_metrics_csv,
                             write_run_header)
 from visiontune.training.schedule import build_schedule
@@ -99,9 +100,14 @@ def _train(config: TrainConfig, *, overwrite: bool, reporter: Reporter | None) -
     if auto_lr:
         _apply_lr_finder(setup)
     distributed.on_main_process(prepare_run_dir, run_dir, overwrite=overwrite)
-    write_run_header(run_dir, setup.config, setup.classes, setup.preprocessing)
     state = _fresh_state(setup)
-    return fit(setup, state, run_dir, reporter or LogReporter())
+    try:
+        write_run_header(run_dir, setup.config, setup.classes, setup.preprocessing)
+        return fit(setup, state, run_dir, reporter or LogReporter())
+    except KeyboardInterrupt:
+        if state["epoch"] == 0:  # nothing worth resuming: leave no half-made folder to block a rerun
+            discard_unfinished_run(run_dir)
+        raise
 
 
 def resume(run_dir: str | Path, *, overrides: dict | None = None, reporter: Reporter | None = None) -> TrainResult:
@@ -213,8 +219,8 @@ def fit(setup: TrainingSetup, state: dict, run_dir: Path, reporter: Reporter) ->
 
         raise out_of_memory_error(error, config.batch_size) from None
     except KeyboardInterrupt:
-        log.warning("interrupted; %s/last.ckpt holds epoch %d, continue with: visiontune train --resume %s",
-                    run_dir, state["epoch"], run_dir)
+        # info, not warning: the CLI prints its own one line about what was saved
+        log.info("interrupted; %s/last.ckpt holds epoch %d", run_dir, state["epoch"])
         raise
     finally:
         tensorboard.close()

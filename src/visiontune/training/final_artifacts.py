@@ -14,7 +14,7 @@ from visiontune.training.loops import evaluate
 from visiontune.run.plots import plot_confusion, plot_curves
 from visiontune.run.report_html import write_report
 from visiontune.run.folder import (BEST_WEIGHTS, CONFUSION_FILE, CURVES_FILE, REPORT_FILE, TENSORBOARD_DIR,
-                            write_json, write_metrics_csv, write_val_predictions)
+                                   run_file, run_subfolder, write_json, write_metrics_csv, write_val_predictions)
 from visiontune.training.strategies import describe_groups
 from visiontune.training.setup import TrainingSetup
 
@@ -28,11 +28,13 @@ class TensorBoardLog:
         self.writer = None
         if not is_main_process():
             return
+        # SummaryWriter opens its events file itself, not atomically: a symlinked tensorboard/ is refused
+        log_dir = run_subfolder(run_dir, TENSORBOARD_DIR)
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # tensorboard is optional: pip install visiontune[tensorboard]
             return
-        self.writer = SummaryWriter(log_dir=str(run_dir / TENSORBOARD_DIR))
+        self.writer = SummaryWriter(log_dir=str(log_dir))
 
     def add_row(self, row: dict) -> None:
         if self.writer is None:
@@ -50,7 +52,7 @@ class TensorBoardLog:
 def load_best_weights(setup: TrainingSetup, run_dir: Path) -> None:
     from safetensors.torch import load_file
 
-    path = run_dir / BEST_WEIGHTS
+    path = run_file(run_dir, BEST_WEIGHTS)
     if path.is_file():
         setup.model.load_state_dict(load_file(str(path), device=str(setup.device)))
 

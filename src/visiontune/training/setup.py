@@ -13,6 +13,7 @@ resume, with or without worker processes.
 from __future__ import annotations
 
 import logging
+import os
 import random
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -25,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from visiontune import distributed
 from visiontune.config import TrainConfig
+from visiontune.features.store import cache_root
 from visiontune.device import (Precision, configure_threads, default_workers, prefers_channels_last, resolve_device,
                                resolve_precision)
 from visiontune.model.preprocessing import Preprocessing
@@ -123,6 +125,7 @@ def build_training(config: TrainConfig) -> TrainingSetup:
     if prefers_channels_last(model):
         model.to(memory_format=torch.channels_last)
     if config.compile:
+        _keep_compile_caches_in(cache_root())
         model.compile()  # in place: parameter names, checkpoints and find_head are unchanged
     phases = plan_phases(config)
     apply_phase(model, phases[0])
@@ -247,3 +250,13 @@ def _eval_loader(dataset: Dataset, batch_size: int, workers: int, device: torch.
     # Each process evaluates its unpadded shard; loops.evaluate sums the metrics over processes.
     return DataLoader(dataset, batch_size=batch_size, sampler=distributed.make_eval_sampler(dataset),
                       num_workers=workers, persistent_workers=workers > 0, pin_memory=device.type == "cuda")
+
+
+COMPILE_CACHES = {"TORCHINDUCTOR_CACHE_DIR": "torchinductor", "TRITON_CACHE_DIR": "triton"}
+
+
+def _keep_compile_caches_in(cache: Path) -> None:
+    """torch.compile caches its kernels under $TMPDIR/torchinductor_<user> and ~/.triton by default;
+    unless the user chose other places, they go into visiontune's cache folder (read at compile time)."""
+    for variable, folder in COMPILE_CACHES.items():
+        os.environ.setdefault(variable, str(cache / folder))
