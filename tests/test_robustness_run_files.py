@@ -218,3 +218,17 @@ def test_predict_names_each_unreadable_file_once(finished_run, tmp_path, capsys,
     err = capsys.readouterr().err
     logged = [record for record in caplog.records if record.levelno >= 30 and "broken.png" in record.getMessage()]
     assert err.count("broken.png") + len(logged) == 1, (err, logged)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", [["report", "--out"], ["export", "--format", "torchscript", "--out"]])
+def test_report_and_export_never_write_over_the_runs_own_files(finished_run, tmp_path, capsys, command):
+    data, original = finished_run
+    run_dir = shutil.copytree(original, tmp_path / "run")
+    for name in (CONFIG_FILE, "best.safetensors"):
+        before = (run_dir / name).read_bytes()
+        capsys.readouterr()
+        status = main([command[0], "--run", str(run_dir), *command[1:], str(run_dir / name)])
+        err = capsys.readouterr().err
+        assert status == 2 and len(err.strip().splitlines()) == 1 and name in err, err
+        assert (run_dir / name).read_bytes() == before
