@@ -24,7 +24,7 @@ import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from visiontune.errors import CheckpointError
+from visiontune.errors import CheckpointError, VisiontuneError
 
 logger = logging.getLogger(__name__)
 
@@ -161,6 +161,8 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     the temporary file, so readers never see a half-written checkpoint.
     """
     path = Path(path)
+    if path.is_dir() and not path.is_symlink():  # os.replace cannot put a file there
+        raise VisiontuneError(f"cannot write {path}: a folder of that name is in the way; move or remove it")
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
