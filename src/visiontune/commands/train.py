@@ -67,7 +67,7 @@ def interrupted_message(run_dir: str | None) -> str:
     if run_dir and (Path(run_dir) / LAST_CHECKPOINT).is_file():
         return (f"interrupted; the last completed epoch is saved in {Path(run_dir) / LAST_CHECKPOINT}, "
                 f"continue with: visiontune train --resume {run_dir}")
-    return "interrupted before the first epoch finished; nothing was saved, run the same command again to start over"
+    return "interrupted before the first epoch finished; nothing to resume and nothing kept: run the same command again"
 
 
 def relaunch_arguments(args: argparse.Namespace) -> list[str]:
