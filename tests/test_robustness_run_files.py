@@ -20,8 +20,9 @@ import pytest
 from conftest import make_image_folder
 from visiontune.cli import main
 from visiontune.errors import ConfigError
+from visiontune.run.files import run_file, run_subfolder
 from visiontune.run.folder import (CONFIG_FILE, EXPORT_FILES, LAST_CHECKPOINT, RUN_FILES, TENSORBOARD_DIR,
-                                   check_run_dir, prepare_run_dir, run_file, run_subfolder)
+                                   check_run_dir, prepare_run_dir)
 
 TINY = ["--model", "timm:test_resnet", "--weights", "none", "--image-size", "32", "--batch-size", "8", "--workers", "0",
         "--seed", "0", "--device", "cpu", "--quiet"]

@@ -10,8 +10,10 @@ only tensors and plain Python values, no numpy arrays or pickled objects.
 
 Every file is written through :func:`visiontune.checkpoint.io.atomic_write`, which replaces a
 symbolic link rather than writing through it, and every file read back goes through
-:func:`run_file`, which accepts only a regular file inside the run folder: a run folder received
-from someone else can neither make visiontune overwrite nor reveal a file elsewhere.
+:func:`visiontune.run.files.run_file`, which accepts only a regular file inside the run folder:
+a run folder received from someone else can neither make visiontune overwrite nor reveal a file
+elsewhere. The file names are listed here, so ``--overwrite`` removes
+exactly visiontune's own files (:func:`remove_run_files`).
 
 Only the main process writes (:func:`visiontune.device.is_main_process`), so distributed
 training can call the same functions from every rank.
@@ -22,7 +24,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
 import random
 import re
 import time
@@ -40,6 +41,7 @@ from visiontune.config import TrainConfig, read_config, save_config
 from visiontune.device import is_main_process
 from visiontune.errors import CheckpointError, ConfigError
 from visiontune.model.preprocessing import Preprocessing
+from visiontune.run.files import run_file
 
 log = logging.getLogger(__name__)
 
@@ -142,31 +144,6 @@ def discard_unfinished_run(run_dir: Path) -> None:
     remove_run_files(run_dir)
     if not any(run_dir.iterdir()):
         run_dir.rmdir()
-
-
-def run_file(run_dir: str | Path, name: str) -> Path:
-    """``RUN/name`` for reading, refused (ConfigError) unless it is absent or a regular file inside
-    the run folder: a symlink could make visiontune read, embed in report.html or load a file that
-    is not the run's."""
-    run_dir = Path(run_dir)
-    path = run_dir / name
-    if path.is_symlink():
-        raise ConfigError(f"{path} is a symbolic link (to {os.readlink(path)}), not a file the run wrote; "
-                          "visiontune reads only regular files inside a run folder: replace the link with the real file")
-    if path.exists() and (not path.is_file() or path.resolve().parent != run_dir.resolve()):
-        raise ConfigError(f"{path} is not a regular file inside the run folder {run_dir}; "
-                          f"put the run's own {name} there")
-    return path
-
-
-def run_subfolder(run_dir: str | Path, name: str) -> Path:
-    """``RUN/name`` as a folder to write into, refused when it is a symlink (files would land
-    wherever it points) or not a folder."""
-    path = Path(run_dir) / name
-    if path.is_symlink() or (path.exists() and not path.is_dir()):
-        raise ConfigError(f"{path} is a symbolic link or a file, not the run's own {name}/ folder; "
-                          "remove it (visiontune recreates it)")
-    return path
 
 
 def write_json(path: Path, value: Any) -> None:

@@ -24,7 +24,8 @@ import yaml
 
 from visiontune.checkpoint.io import same_file, write_text_atomically
 from visiontune.errors import VisiontuneError
-from visiontune.run.folder import REPORT_HTML, RUN_FILES, run_file
+from visiontune.run.files import run_file
+from visiontune.run.folder import REPORT_HTML, RUN_FILES
 
 log = logging.getLogger(__name__)
 

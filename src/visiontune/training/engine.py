@@ -20,10 +20,10 @@ from visiontune import distributed
 from visiontune.config import TrainConfig, config_from_dict, validate
 from visiontune.errors import ConfigError
 from visiontune.training.loops import EpochStats, NonFiniteLossError, evaluate, require_finite, train_one_epoch
-from visiontune.run.folder import (capture_rng_state, check_run_dir, default_run_dir, discard_unfinished_run,
-                                   load_training_state, prepare_run_dir,
+from visiontune.run.folder import (capture_rng_state, check_run_dir, default_run_dir, load_training_state, prepare_run_dir,
                             restore_rng_state, save_best_weights, save_training_state, write_metrics_csv,
                             write_run_header)
+from visiontune.run.folder import discard_unfinished_run
 from visiontune.training.schedule import build_schedule
 from visiontune.training.strategies import apply_phase, build_optimizer, describe_groups, phase_index_for_epoch
 from visiontune.training.setup import TrainingSetup, build_training, is_weights_file

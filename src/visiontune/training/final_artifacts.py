@@ -14,7 +14,8 @@ from visiontune.training.loops import evaluate
 from visiontune.run.plots import plot_confusion, plot_curves
 from visiontune.run.report_html import write_report
 from visiontune.run.folder import (BEST_WEIGHTS, CONFUSION_FILE, CURVES_FILE, REPORT_FILE, TENSORBOARD_DIR,
-                                   run_file, run_subfolder, write_json, write_metrics_csv, write_val_predictions)
+                                   write_json, write_metrics_csv, write_val_predictions)
+from visiontune.run.files import run_file, run_subfolder
 from visiontune.training.strategies import describe_groups
 from visiontune.training.setup import TrainingSetup
 
