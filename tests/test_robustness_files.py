@@ -1,8 +1,8 @@
 """Files stay where they belong: train, evaluate and predict write only into the run folder and the
 feature-cache folder, with HOME, the working directory and the temp directory all watched.
 
-That an existing run folder is not overwritten without --overwrite (and that --overwrite keeps a
-user's own files) is tested in test_train_cli.py.
+That an existing run folder is not overwritten without --overwrite is tested in test_train_cli.py;
+that --overwrite keeps a user's own files, and symlinks in run folders, in test_robustness_run_files.py.
 """
 
 from __future__ import annotations

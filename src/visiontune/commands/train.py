@@ -24,7 +24,8 @@ def register(subparsers) -> None:
     add_config_arguments(parser)
     parser.add_argument("--config", dest="config_file", metavar="FILE.yaml", help="YAML file of TrainConfig keys")
     parser.add_argument("--resume", metavar="RUN", help="continue RUN from its last.ckpt with its saved config")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing run folder's files")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the files visiontune wrote in an existing run folder (others stay)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no per-epoch lines")
     parser.add_argument("--nproc", type=int, metavar="N",
                         help="train in N processes on this machine (one per GPU) by starting torchrun; "
