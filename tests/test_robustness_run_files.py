@@ -22,7 +22,7 @@ from visiontune.cli import main
 from visiontune.errors import ConfigError
 from visiontune.run.files import run_file, run_subfolder
 from visiontune.run.folder import (CONFIG_FILE, EXPORT_FILES, LAST_CHECKPOINT, RUN_FILES, TENSORBOARD_DIR,
-                                   check_run_dir, prepare_run_dir)
+                                   check_run_dir, check_run_folder, prepare_run_dir)
 
 TINY = ["--model", "timm:test_resnet", "--weights", "none", "--image-size", "32", "--batch-size", "8", "--workers", "0",
         "--seed", "0", "--device", "cpu", "--quiet"]
@@ -79,11 +79,10 @@ def test_a_symlink_in_a_run_folder_is_never_written_through_or_read(finished_run
             assert len(err.strip().splitlines()) == 1 and "symbolic link" in err, (command, name, err)
         assert _leaks(run_dir, out + err) == [], f"{command} read {name} through the link"
         outcomes[command] = status
-    # the readers each command is known to have: a link there must be refused, not skipped
-    must_refuse = {LAST_CHECKPOINT: {"resume"}, CONFIG_FILE: {"report", "evaluate", "export"},
-                   "best.safetensors": {"resume", "evaluate", "export"}, "report.json": {"report"}}
-    for command in must_refuse.get(name, ()):
-        assert outcomes[command] == 2, (command, name)
+    # every command reading a run checks all of the run's files first (check_run_folder); the
+    # exported model is not one of them, and is simply replaced
+    expected = 2 if name in RUN_FILES else 0
+    assert outcomes == dict.fromkeys(outcomes, expected), outcomes
 
 
 def test_a_symlinked_tensorboard_folder_is_refused(tmp_path):
@@ -94,6 +93,8 @@ def test_a_symlinked_tensorboard_folder_is_refused(tmp_path):
     (run_dir / TENSORBOARD_DIR).symlink_to(elsewhere, target_is_directory=True)
     with pytest.raises(ConfigError, match="symbolic link"):
         run_subfolder(run_dir, TENSORBOARD_DIR)
+    with pytest.raises(ConfigError, match="symbolic link"):
+        check_run_folder(run_dir)
     assert run_subfolder(tmp_path / "new", TENSORBOARD_DIR) == tmp_path / "new" / TENSORBOARD_DIR
 
 

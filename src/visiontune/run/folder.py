@@ -41,7 +41,7 @@ from visiontune.config import TrainConfig, read_config, save_config
 from visiontune.device import is_main_process
 from visiontune.errors import CheckpointError, ConfigError
 from visiontune.model.preprocessing import Preprocessing
-from visiontune.run.files import run_file
+from visiontune.run.files import run_file, run_subfolder
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +134,17 @@ def remove_run_files(run_dir: Path) -> None:
 def _remove_file(path: Path) -> None:
     if path.is_symlink() or path.is_file():
         path.unlink(missing_ok=True)
+
+
+def check_run_folder(run_dir: str | Path) -> Path:
+    """Refuse (one line) a run folder in which any of the run's files or tensorboard/ is a symbolic
+    link or not a regular file: every command that reads a run checks it whole, before any work, so
+    a planted link is named at once rather than after hours of a resumed training."""
+    run_dir = Path(run_dir)
+    for name in RUN_FILES:
+        run_file(run_dir, name)
+    run_subfolder(run_dir, TENSORBOARD_DIR)
+    return run_dir
 
 
 def discard_unfinished_run(run_dir: Path) -> None:
@@ -243,7 +254,7 @@ def save_training_state(run_dir: Path, state: dict) -> None:
 
 
 def load_training_state(run_dir: str | Path) -> dict:
-    path = run_file(run_dir, LAST_CHECKPOINT)
+    path = check_run_folder(run_dir) / LAST_CHECKPOINT
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist; --resume needs a run folder written by 'visiontune train'")
     from visiontune.checkpoint import read_checkpoint
@@ -286,7 +297,7 @@ class LoadedRun:
 def load_run(run_dir: str | Path, checkpoint: str = "best", device: str | torch.device = "cpu") -> LoadedRun:
     """Rebuild the run's model and load ``best.safetensors`` (``checkpoint="best"``) or the model
     in ``last.ckpt`` (``"last"``)."""
-    run_dir = Path(run_dir)
+    run_dir = check_run_folder(run_dir)
     if not run_file(run_dir, CONFIG_FILE).is_file():
         raise ConfigError(f"{run_dir} is not a visiontune run folder (no {CONFIG_FILE}); give the --out of a training run")
     if checkpoint not in ("best", "last"):

@@ -25,7 +25,7 @@ import yaml
 from visiontune.checkpoint.io import same_file, write_text_atomically
 from visiontune.errors import VisiontuneError
 from visiontune.run.files import run_file
-from visiontune.run.folder import REPORT_HTML, RUN_FILES
+from visiontune.run.folder import REPORT_HTML, RUN_FILES, check_run_folder
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,7 @@ def build_report(run_dir: str | Path, max_wrong: int = MAX_WRONG) -> str:
 
 def _require_run_dir(run_dir: Path) -> None:
     markers = ("config.yaml", "metrics.csv", "report.json")
+    check_run_folder(run_dir)  # no file of the run may be a link: it could embed any file in the page
     if not run_dir.is_dir() or not any(run_file(run_dir, name).is_file() for name in markers):
         raise VisiontuneError(f"{run_dir} is not a visiontune run folder (it has none of {', '.join(markers)}); "
                               "pass the folder 'visiontune train' wrote (its --out)")
