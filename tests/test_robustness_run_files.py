@@ -85,6 +85,30 @@ def test_a_symlink_in_a_run_folder_is_never_written_through_or_read(finished_run
     assert outcomes == dict.fromkeys(outcomes, expected), outcomes
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", RUN_FILES)
+def test_without_the_upfront_check_no_writer_follows_a_link_either(finished_run, tmp_path, monkeypatch, capsys, name):
+    """The second line of defence, and the test that catches a new writer that opens its path
+    directly: with check_run_folder bypassed, a resume writes every file of the run again."""
+    import visiontune.run.folder as folder
+    import visiontune.run.report_html as report_html
+
+    for module in (folder, report_html):
+        monkeypatch.setattr(module, "check_run_folder", lambda run_dir: Path(run_dir))
+    data, original = finished_run
+    run_dir = shutil.copytree(original, tmp_path / "run")
+    victim = tmp_path / "victim"
+    victim.write_bytes(VICTIM)
+    (run_dir / name).unlink()
+    (run_dir / name).symlink_to(victim)
+    capsys.readouterr()
+    status = main(_commands(run_dir, data)["resume"])
+    out, err = capsys.readouterr()
+    assert victim.read_bytes() == VICTIM, f"resume wrote through {name}"
+    assert status == 0 or (status == 2 and len(err.strip().splitlines()) == 1 and "symbolic link" in err), err
+    assert _leaks(run_dir, out + err) == []
+
+
 def test_a_symlinked_tensorboard_folder_is_refused(tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

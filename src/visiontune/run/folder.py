@@ -254,7 +254,7 @@ def save_training_state(run_dir: Path, state: dict) -> None:
 
 
 def load_training_state(run_dir: str | Path) -> dict:
-    path = check_run_folder(run_dir) / LAST_CHECKPOINT
+    path = run_file(check_run_folder(run_dir), LAST_CHECKPOINT)
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist; --resume needs a run folder written by 'visiontune train'")
     from visiontune.checkpoint import read_checkpoint
