@@ -12,8 +12,8 @@ Every file is written through :func:`visiontune.checkpoint.io.atomic_write`, whi
 symbolic link rather than writing through it, and every file read back goes through
 :func:`visiontune.run.files.run_file`, which accepts only a regular file inside the run folder:
 a run folder received from someone else can neither make visiontune overwrite nor reveal a file
-elsewhere. The file names are listed here, so ``--overwrite`` removes
-exactly visiontune's own files (:func:`remove_run_files`).
+elsewhere. The file names are listed here, so ``--overwrite`` removes exactly visiontune's own
+files (:func:`remove_run_files`).
 
 Only the main process writes (:func:`visiontune.device.is_main_process`), so distributed
 training can call the same functions from every rank.
@@ -27,8 +27,8 @@ import logging
 import random
 import re
 import time
-from io import StringIO
 from dataclasses import dataclass
+from io import StringIO
 from pathlib import Path
 from typing import Any
 
