@@ -91,6 +91,48 @@ def test_atomic_write_replaces_on_success(tmp_path):
     assert sorted(p.name for p in target.parent.iterdir()) == ["last.ckpt"]
 
 
+def test_atomic_write_replaces_a_symlink_instead_of_writing_through_it(tmp_path):
+    from visiontune.atomic_io import atomic_files, write_bytes_atomically
+
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"someone else's file")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for name in ("curves.png", "model.onnx"):
+        (run_dir / name).symlink_to(victim)
+    write_bytes_atomically(run_dir / "curves.png", b"png")
+    with atomic_files(run_dir) as staging:  # writers that name their files themselves
+        (staging / "model.onnx").write_bytes(b"onnx")
+        (staging / "model.onnx.data").write_bytes(b"weights")
+    assert victim.read_bytes() == b"someone else's file"
+    assert not any(path.is_symlink() for path in run_dir.iterdir())
+    assert sorted(path.name for path in run_dir.iterdir()) == ["curves.png", "model.onnx", "model.onnx.data"]
+    assert (run_dir / "curves.png").read_bytes() == b"png"
+
+
+def test_atomic_write_refuses_a_folder_in_the_way(tmp_path):
+    from visiontune.atomic_io import write_text_atomically
+    from visiontune.errors import VisiontuneError
+
+    (tmp_path / "report.html").mkdir()
+    with pytest.raises(VisiontuneError, match="folder of that name"):
+        write_text_atomically(tmp_path / "report.html", "page")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["report.html"]
+
+
+def test_same_file_sees_through_links_and_relative_paths(tmp_path, monkeypatch):
+    from visiontune.atomic_io import same_file
+
+    original = tmp_path / "a.safetensors"
+    original.write_bytes(b"x")
+    os.symlink(original, tmp_path / "soft")
+    os.link(original, tmp_path / "hard")
+    monkeypatch.chdir(tmp_path)
+    for other in ("soft", "hard", "./a.safetensors", str(original)):
+        assert same_file(other, original), other
+    assert not same_file(tmp_path / "new.safetensors", original)
+
+
 def test_save_model_and_load_model_need_explicit_trust(tmp_path):
     model = tiny_net()
     path = save_model(model, tmp_path / "whole.pth")

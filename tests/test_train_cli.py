@@ -95,6 +95,7 @@ def test_overwrite_replaces_the_run_and_config_file_gives_defaults(tmp_path, cap
     data = make_image_folder(tmp_path / "data", per_class=4, val_per_class=2)
     run_dir = tmp_path / "run"
     (run_dir).mkdir()
+    (run_dir / "config.yaml").write_text("model: an-earlier-run\n")  # a run folder: --overwrite may replace it
     (run_dir / "notes.txt").write_text("mine")
     config_file = tmp_path / "train.yaml"
     config_file.write_text(f"data: {data}\nstrategy: linear-probe\nepochs: 3\nlr: 0.01\n")

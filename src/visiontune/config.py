@@ -19,6 +19,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from visiontune.atomic_io import write_text_atomically
 from visiontune.errors import ConfigError, shown
 
 STRATEGIES = ("linear-probe", "partial", "full", "gradual")
@@ -352,9 +353,8 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
 
 def save_config(config: TrainConfig, path: str | Path) -> Path:
-    path = Path(path)
-    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    return path
+    # atomically, like every file visiontune writes: never through a symlink planted at the path
+    return write_text_atomically(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
 def read_config(path: str | Path) -> TrainConfig:

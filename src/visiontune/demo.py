@@ -154,6 +154,8 @@ def run_demo(options: DemoOptions, reporter=None, announce: Callable[[str], None
     out = Path(options.out)
     _check_demo_folder(out)
     weights = efficientnet_lite0_weights()
+    if (out / DIGITS_DIR).is_symlink():  # a link is removed, never written through (rmtree refuses links)
+        (out / DIGITS_DIR).unlink()
     shutil.rmtree(out / DIGITS_DIR, ignore_errors=True)  # the demo's own images: no earlier one may linger
     data = write_digits_folder(out / DIGITS_DIR, max(40, options.image_size), options.per_class,
                                options.val_fraction, options.seed)

@@ -7,7 +7,8 @@ The chain of ``load_weights`` (each step a module of its own):
 
 from __future__ import annotations
 
-from visiontune.checkpoint.io import atomic_write, read_checkpoint
+from visiontune.atomic_io import atomic_write
+from visiontune.checkpoint.io import read_checkpoint
 from visiontune.checkpoint.load import load_weights
 from visiontune.checkpoint.report import LoadReport
 from visiontune.checkpoint.save import load_model, save_model, save_weights

@@ -1,4 +1,4 @@
-"""Reading checkpoints safely, and writing files atomically.
+"""Reading checkpoints safely (writing goes through :mod:`visiontune.atomic_io`).
 
 ``read_checkpoint`` never runs code stored in a file unless the caller explicitly allows it: ``.pth``
 and friends go through ``torch.load(weights_only=True)``, ``.safetensors`` through safetensors. The
@@ -9,13 +9,10 @@ text file, an HTML error page or a Git LFS pointer each get a message that says 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import pickle
-import tempfile
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 
 from visiontune.errors import CheckpointError
@@ -145,48 +142,3 @@ def _corrupt(path: Path, error: BaseException) -> CheckpointError:
         f"Checkpoint '{path}' is corrupt or truncated and cannot be read ({reason}). "
         "It was probably cut short by an interrupted save, copy or download: save or download it again."
     )
-
-
-@contextlib.contextmanager
-def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success move it onto ``path`` in one step.
-
-    A crash or an exception while writing leaves any previous file at ``path`` untouched and removes
-    the temporary file, so readers never see a half-written checkpoint.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    temp_path = Path(temp_name)
-    os.chmod(temp_path, 0o666 & ~_current_umask())  # mkstemp makes it private; give the usual permissions
-    try:
-        yield temp_path
-        _fsync_file(temp_path)
-        os.replace(temp_path, path)
-        _fsync_folder(path.parent)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            temp_path.unlink()
-        raise
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as handle:
-        os.fsync(handle.fileno())
-
-
-def _fsync_folder(folder: Path) -> None:
-    # Makes the rename itself durable; not every platform lets a folder be opened (Windows).
-    with contextlib.suppress(OSError):
-        descriptor = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)

@@ -11,7 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from visiontune.checkpoint.finite import require_finite
-from visiontune.checkpoint.io import atomic_write, read_checkpoint
+from visiontune.atomic_io import atomic_write
+from visiontune.checkpoint.io import read_checkpoint
 from visiontune.checkpoint.suffixes import SAFETENSORS_SUFFIX, TORCH_SUFFIXES
 from visiontune.errors import CheckpointError
 
@@ -25,9 +26,7 @@ def save_weights(model_or_state_dict, path: str | os.PathLike) -> Path:
     or ``.pth``/``.pt``/``.bin``/``.ckpt`` (a ``torch.save`` of the state dict). A path without a
     suffix gets ``.safetensors``. Both formats round-trip every tensor bit-exactly.
     """
-    path = Path(path)
-    if not path.suffix:
-        path = path.with_suffix(SAFETENSORS_SUFFIX)
+    path = weights_path(path)
     state_dict = _as_state_dict(model_or_state_dict)
     require_finite(state_dict, "The weights to save", f"so '{path}' was not written")
     if path.suffix == SAFETENSORS_SUFFIX:
@@ -38,6 +37,12 @@ def save_weights(model_or_state_dict, path: str | os.PathLike) -> Path:
         raise CheckpointError(f"Cannot save weights to '{path}': unknown suffix {path.suffix!r}. Use .safetensors (recommended) or one of {', '.join(TORCH_SUFFIXES)}.")
     logger.info("saved %d tensors to %s", len(state_dict), path)
     return path
+
+
+def weights_path(path: str | os.PathLike) -> Path:
+    """Where :func:`save_weights` writes for ``path``: a path without a suffix gets ``.safetensors``."""
+    path = Path(path)
+    return path if path.suffix else path.with_suffix(".safetensors")
 
 
 def _as_state_dict(model_or_state_dict) -> dict:

@@ -38,11 +38,18 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from visiontune.checkpoint import load_weights, save_weights
+    from visiontune.atomic_io import same_file
+    from visiontune.checkpoint.save import weights_path
     from visiontune.errors import ConfigError
     from visiontune.model.create import create_model
 
     if not args.dry_run and not args.out:
         raise ConfigError("convert needs --out OUT.safetensors (or --dry-run to only see the report).")
+    # Checked first, before anything is read: the output must never replace the input (also not
+    # through a symlink or hard link to it, nor as 'a' becoming 'a.safetensors').
+    if args.out and not args.dry_run and same_file(weights_path(args.out), args.checkpoint):
+        raise ConfigError(f"--out {args.out} is the input checkpoint {args.checkpoint} itself; converting would "
+                          "replace the original. Write to another file, e.g. --out converted.safetensors")
     num_classes = args.num_classes if args.num_classes is not None else _checkpoint_classes(args)
     if num_classes < 1:
         raise ConfigError(f"--num-classes must be at least 1, got {num_classes}.")

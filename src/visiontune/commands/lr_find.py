@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from visiontune.atomic_io import write_text_atomically
 from visiontune.config import add_config_arguments, config_from_args
 from visiontune.errors import ConfigError
 
@@ -51,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
                                num_steps=args.steps)
     out_dir.mkdir(parents=True, exist_ok=True)
     plot = plot_lr_find(result, out_dir / "lr_find.png")
-    (out_dir / "lr_find.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    write_text_atomically(out_dir / "lr_find.json", json.dumps(result.to_dict(), indent=2) + "\n")
     ending = "stopped when the loss diverged" if result.diverged else "did not diverge"
     print(f"ran {len(result.lrs)} steps from {args.start_lr:g} to {result.lrs[-1]:.3g} ({ending})"
           if result.lrs else "the loss was not finite from the first step")

@@ -24,7 +24,8 @@ def register(subparsers) -> None:
     add_config_arguments(parser)
     parser.add_argument("--config", dest="config_file", metavar="FILE.yaml", help="YAML file of TrainConfig keys")
     parser.add_argument("--resume", metavar="RUN", help="continue RUN from its last.ckpt with its saved config")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing run folder's files")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the files visiontune wrote in an existing run folder (others stay)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no per-epoch lines")
     parser.add_argument("--nproc", type=int, metavar="N",
                         help="train in N processes on this machine (one per GPU) by starting torchrun; "
@@ -69,7 +70,7 @@ def interrupted_message(run_dir: str | None) -> str:
     if run_dir and (Path(run_dir) / LAST_CHECKPOINT).is_file():
         return (f"interrupted; the last completed epoch is saved in {Path(run_dir) / LAST_CHECKPOINT}, "
                 f"continue with: visiontune train --resume {run_dir}")
-    return "interrupted before the first epoch finished; nothing to resume"
+    return "interrupted before the first epoch finished; nothing to resume and nothing kept: run the same command again"
 
 
 def relaunch_arguments(args: argparse.Namespace) -> list[str]:

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from visiontune.atomic_io import atomic_files, same_file, write_text_atomically
 from visiontune.data import discover, load_image
 from visiontune.data.images import DEFAULT_BACKGROUND
 from visiontune.data.transforms import build_eval_transform
@@ -139,10 +140,13 @@ def export_model(model: nn.Module, path: str | Path, format: str, example: torch
     if example.shape[0] < 2:  # torch.export specialises a dimension whose example size is 1
         example = example.repeat(2, 1, 1, 1)
     model = prepare_for_export(model, example)
-    if format == "onnx":
-        _export_onnx(model, path, example)
-    else:
-        _export_torchscript(model, path, example)
+    # Written beside the target, then moved into place: a symlink at the path is replaced, never
+    # written through; the ONNX exporter names its external .data file after the path itself.
+    with atomic_files(path.parent) as staging:
+        if format == "onnx":
+            _export_onnx(model, staging / path.name, example)
+        else:
+            _export_torchscript(model, staging / path.name, example)
     log.info("exported %s to %s", format, path)
     return path
 
@@ -250,7 +254,7 @@ def verify_export(
 def write_metadata(path: str | Path, metadata: dict) -> Path:
     """``FILE.json`` next to the exported ``FILE``: how to prepare inputs and read outputs."""
     metadata_path = Path(f"{path}.json")
-    metadata_path.write_text(json.dumps(metadata, indent=2) + "\n")
+    write_text_atomically(metadata_path, json.dumps(metadata, indent=2) + "\n")
     return metadata_path
 
 
@@ -305,6 +309,11 @@ def export_run(run_dir: str | Path, format: str = "onnx", out: str | Path | None
         require_onnx_runtime()
     run = load_run(run_dir, checkpoint=checkpoint, device="cpu")
     path = Path(out) if out is not None else Path(run_dir) / f"model{SUFFIXES[format]}"
+    for target in (path, Path(f"{path}.json")):
+        clash = next((name for name in RUN_FILES if same_file(target, Path(run_dir) / name)), None)
+        if clash is not None:
+            raise VisiontuneError(f"--out {path} would overwrite the run's own {clash}; choose another file "
+                                  f"(default: {Path(run_dir) / ('model' + SUFFIXES[format])})")
     inputs, source = validation_inputs(run, num_images)
     export_model(run.model, path, format, inputs[:2])
     verification = verify_export(run.model, path, format, inputs, source, tolerance)

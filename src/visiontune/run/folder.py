@@ -9,6 +9,13 @@ phase, RNG states, config, history; its layout is :mod:`visiontune.training.stat
 with ``torch.load(weights_only=True)``: it holds only tensors and plain Python values, no numpy
 arrays or pickled objects. This module writes and reads the file; the training state reads its fields.
 
+Every file is written through :func:`visiontune.atomic_io.atomic_write`, which replaces a
+symbolic link rather than writing through it, and every file read back goes through
+:func:`visiontune.run.files.run_file`, which accepts only a regular file inside the run folder:
+a run folder received from someone else can neither make visiontune overwrite nor reveal a file
+elsewhere. The file names are listed here, so ``--overwrite`` removes exactly visiontune's own
+files (:func:`remove_run_files`).
+
 Only the main process writes (:func:`visiontune.distributed.is_main_process`), so distributed
 training can call the same functions from every rank.
 """
@@ -20,9 +27,9 @@ import json
 import logging
 import random
 import re
-import shutil
 import time
 from dataclasses import dataclass
+from io import StringIO
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +37,18 @@ import numpy as np
 import torch
 from torch import nn
 
+from visiontune import distributed
+from visiontune.atomic_io import atomic_write, write_text_atomically
+from visiontune.checkpoint import load_weights, read_checkpoint, save_weights
 from visiontune.checkpoint.finite import require_finite
 from visiontune.checkpoint.save import named_write_errors
 from visiontune.config import TrainConfig, read_config, save_config
 from visiontune.device import DEVICES, resolve_device
-from visiontune import distributed
 from visiontune.distributed import is_main_process
 from visiontune.errors import CheckpointError, ConfigError
+from visiontune.model.create import create_model
 from visiontune.model.preprocessing import Preprocessing
+from visiontune.run.files import run_file, run_subfolder
 from visiontune.run.inference import predict_images
 
 log = logging.getLogger(__name__)
@@ -52,9 +63,14 @@ REPORT_FILE = "report.json"
 VAL_PREDICTIONS_FILE = "val_predictions.csv"
 CURVES_FILE = "curves.png"
 CONFUSION_FILE = "confusion.png"
+REPORT_HTML = "report.html"
 TENSORBOARD_DIR = "tensorboard"
+TENSORBOARD_EVENTS = "events.out.tfevents.*"  # the only files visiontune's SummaryWriter writes there
 RUN_FILES = (CONFIG_FILE, CLASSES_FILE, PREPROCESSING_FILE, METRICS_FILE, BEST_WEIGHTS, LAST_CHECKPOINT,
-             REPORT_FILE, VAL_PREDICTIONS_FILE, CURVES_FILE, CONFUSION_FILE)
+             REPORT_FILE, VAL_PREDICTIONS_FILE, CURVES_FILE, CONFUSION_FILE, REPORT_HTML)
+# `visiontune export` writes these into the run by default (visiontune.run.export.SUFFIXES); an
+# --overwrite removes them too, so no exported model of the old run survives beside the new one.
+EXPORT_FILES = ("model.onnx", "model.onnx.json", "model.onnx.data", "model.pt", "model.pt.json")
 METRICS_COLUMNS = ("epoch", "phase", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5",
                    "val_macro_f1", "seconds", "images_per_s")
 
@@ -69,28 +85,84 @@ def default_run_dir(model_name: str, root: str | Path = "runs") -> Path:
 
 
 def check_run_dir(path: str | Path, overwrite: bool = False) -> Path:
-    """Refuse a run folder that exists and is not empty, unless ``overwrite``."""
+    """Refuse a run folder that exists and is not empty, unless ``overwrite`` and it is a run folder
+    (a folder of a user's own files is never a place to --overwrite)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"run folder {path} exists and is a file; choose another --out")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
+    if not path.is_dir() or not any(path.iterdir()):
+        return path
+    if not overwrite:
         raise ConfigError(f"run folder {path} already exists; pass --overwrite to replace it, "
                           f"--resume {path} to continue it, or choose another --out")
+    if not is_run_folder(path):
+        names = sorted(entry.name for entry in path.iterdir())
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        raise ConfigError(f"--overwrite refused: {path} is not a visiontune run folder (no {CONFIG_FILE}) and holds "
+                          f"other files ({shown}); --overwrite replaces only a run's own files, so choose a new or "
+                          "empty --out")
     return path
+
+
+def is_run_folder(path: str | Path) -> bool:
+    """Whether ``path`` holds a run's config.yaml (a regular file, not a link to one)."""
+    config = Path(path) / CONFIG_FILE
+    return config.is_file() and not config.is_symlink()
 
 
 def prepare_run_dir(path: str | Path, overwrite: bool = False) -> Path:
     """Create the run folder. An existing, non-empty one is refused unless ``overwrite``, and then
     only visiontune's own files are removed (never anything else a user keeps there)."""
     path = check_run_dir(path, overwrite)
-    if path.is_dir() and any(path.iterdir()):
-        if is_main_process():
-            for name in RUN_FILES:
-                (path / name).unlink(missing_ok=True)
-            shutil.rmtree(path / TENSORBOARD_DIR, ignore_errors=True)
     if is_main_process():
+        if path.is_dir():
+            remove_run_files(path)
         path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def remove_run_files(run_dir: Path) -> None:
+    """Delete the files visiontune writes into a run folder, by name, and nothing else: a user's
+    notes, or their own files under tensorboard/, stay. A symlink is removed, not what it points to."""
+    for name in (*RUN_FILES, *EXPORT_FILES):
+        _remove_file(run_dir / name)
+    for name in RUN_FILES:
+        for leftover in run_dir.glob(f".{name}.*.tmp"):  # atomic_write's temporary files from a killed run
+            _remove_file(leftover)
+    board = run_dir / TENSORBOARD_DIR
+    if board.is_symlink():
+        board.unlink()
+    elif board.is_dir():
+        for events in board.glob(TENSORBOARD_EVENTS):
+            _remove_file(events)
+        if not any(board.iterdir()):
+            board.rmdir()
+
+
+def _remove_file(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+
+
+def check_run_folder(run_dir: str | Path) -> Path:
+    """Refuse (one line) a run folder in which any of the run's files or tensorboard/ is a symbolic
+    link or not a regular file: every command that reads a run checks it whole, before any work, so
+    a planted link is named at once rather than after hours of a resumed training."""
+    run_dir = Path(run_dir)
+    for name in RUN_FILES:
+        run_file(run_dir, name)
+    run_subfolder(run_dir, TENSORBOARD_DIR)
+    return run_dir
+
+
+def discard_unfinished_run(run_dir: Path) -> None:
+    """After an interruption before the first epoch: remove what the run wrote (the header files),
+    and the folder itself if that leaves it empty, so the same command can simply be run again."""
+    if not is_main_process() or not run_dir.is_dir() or (run_dir / LAST_CHECKPOINT).exists():
+        return
+    remove_run_files(run_dir)
+    if not any(run_dir.iterdir()):
+        run_dir.rmdir()
 
 
 def write_json(path: Path, value: Any) -> None:
@@ -109,10 +181,7 @@ def _json_default(value: Any) -> Any:
 
 
 def _atomic_text(path: Path, text: str) -> None:
-    from visiontune.checkpoint import atomic_write
-
-    with atomic_write(path) as temporary:
-        Path(temporary).write_text(text)
+    write_text_atomically(path, text)
 
 
 def write_run_header(run_dir: Path, config: TrainConfig, classes: list[str], preprocessing: Preprocessing) -> None:
@@ -143,7 +212,7 @@ def _csv_cell(value: Any) -> str:
 
 
 def read_metrics_csv(run_dir: str | Path) -> list[dict]:
-    with open(Path(run_dir) / METRICS_FILE, newline="") as handle:
+    with open(run_file(run_dir, METRICS_FILE), newline="") as handle:
         return list(csv.DictReader(handle))
 
 
@@ -151,8 +220,6 @@ def write_val_predictions(run_dir: Path, rows: list[dict]) -> None:
     """``path,label,predicted,confidence,loss`` per validation image (the best model's)."""
     if not is_main_process():
         return
-    from io import StringIO
-
     buffer = StringIO()
     writer = csv.DictWriter(buffer, fieldnames=["path", "label", "predicted", "confidence", "loss"], lineterminator="\n")
     writer.writeheader()
@@ -199,8 +266,6 @@ def save_training_state(run_dir: Path, checkpoint: dict) -> None:
     previous complete checkpoint."""
     if not is_main_process():
         return
-    from visiontune.checkpoint import atomic_write
-
     with named_write_errors(run_dir / LAST_CHECKPOINT), atomic_write(run_dir / LAST_CHECKPOINT) as temporary:
         torch.save(checkpoint, temporary)
 
@@ -208,11 +273,9 @@ def save_training_state(run_dir: Path, checkpoint: dict) -> None:
 def load_training_state(run_dir: str | Path) -> dict:
     """last.ckpt as a dict, for ``TrainingState.from_checkpoint()`` (which checks its format) or
     for its ``"model"`` weights; a missing, damaged or foreign file is a one-line CheckpointError."""
-    path = Path(run_dir) / LAST_CHECKPOINT
+    path = run_file(check_run_folder(run_dir), LAST_CHECKPOINT)
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist; --resume needs a run folder written by 'visiontune train'")
-    from visiontune.checkpoint import read_checkpoint
-
     # torch.load(weights_only=True) behind a one-line CheckpointError for damaged or code-carrying files.
     state = read_checkpoint(path)
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
@@ -224,8 +287,6 @@ def load_training_state(run_dir: str | Path) -> dict:
 
 def save_best_weights(run_dir: Path, model: nn.Module) -> None:
     if is_main_process():
-        from visiontune.checkpoint import save_weights
-
         save_weights(model, run_dir / BEST_WEIGHTS)
 
 
@@ -255,7 +316,7 @@ def load_run(run_dir: str | Path, checkpoint: str = "best", device: str | torch.
     run_dir = Path(run_dir).expanduser()
     if not run_dir.exists():
         raise ConfigError(f"run folder {run_dir} does not exist; give the folder that 'visiontune train --out' wrote")
-    if not run_dir.is_dir() or not (run_dir / CONFIG_FILE).is_file():
+    if not run_dir.is_dir() or not run_file(check_run_folder(run_dir), CONFIG_FILE).is_file():
         raise ConfigError(f"{run_dir} is not a visiontune run folder (it has no {CONFIG_FILE}); "
                           "give the folder that 'visiontune train --out' wrote")
     if checkpoint not in ("best", "last"):
@@ -264,10 +325,10 @@ def load_run(run_dir: str | Path, checkpoint: str = "best", device: str | torch.
     # process's GPU (cuda:LOCAL_RANK); "cuda:1" or a torch.device is used as given.
     device = distributed.device_for_rank(resolve_device(device)) if device in DEVICES else torch.device(device)
     config = read_config(run_dir / CONFIG_FILE)
-    classes = read_run_json(run_dir / CLASSES_FILE, list)
+    classes = read_run_json(run_file(run_dir, CLASSES_FILE), list)
     if not classes or not all(isinstance(name, str) for name in classes):
         raise CheckpointError(f"{run_dir / CLASSES_FILE} is damaged: it must hold a list of class names")
-    preprocessing_values = read_run_json(run_dir / PREPROCESSING_FILE, dict)
+    preprocessing_values = read_run_json(run_file(run_dir, PREPROCESSING_FILE), dict)
     try:
         preprocessing = Preprocessing.from_dict(preprocessing_values)
     except (KeyError, TypeError, ValueError) as error:
@@ -295,20 +356,16 @@ def read_run_json(path: Path, kind: type) -> Any:
 
 def build_run_model(config: TrainConfig, num_classes: int) -> nn.Module:
     """The run's architecture with random weights (the trained ones are loaded on top)."""
-    from visiontune.model.create import create_model
-
     return create_model(config.model, num_classes=num_classes, weights=None)
 
 
 def _load_run_weights(model: nn.Module, run_dir: Path, checkpoint: str) -> None:
     """Through load_weights, so that a damaged, unsafe or foreign file (a lying safetensors header,
     integer tensors for float weights, wrong shapes) is a one-line CheckpointError, never a traceback."""
-    from visiontune.checkpoint import load_weights
-
     if checkpoint == "last":
         path, source = run_dir / LAST_CHECKPOINT, load_training_state(run_dir)["model"]
     else:
-        path = source = run_dir / BEST_WEIGHTS
+        path = source = run_file(run_dir, BEST_WEIGHTS)
         if not path.is_file():
             raise CheckpointError(f"{path} does not exist; the run may not have finished an epoch (try checkpoint='last')")
     report = load_weights(model, source, match="name")

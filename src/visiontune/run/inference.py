@@ -160,7 +160,8 @@ def _image_batches(
         good_paths, tensors = [], []
         for path, result in zip(chunk, map_in_threads(prepare, chunk)):
             if isinstance(result, str):
-                log.warning("skipping unreadable image %s (%s)", path, result)
+                # info: the caller gets ``skipped`` and the CLI prints each once
+                log.info("skipping unreadable image %s (%s)", path, result)
                 skipped.append((str(path), result))
             else:
                 good_paths.append(path)

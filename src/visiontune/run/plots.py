@@ -1,19 +1,34 @@
 """The pictures a run leaves: learning curves and the confusion matrix, as PNG files.
 
 Figures are drawn with matplotlib's object API on an Agg canvas, never through ``pyplot``: no
-display is needed, and the global backend of a user's notebook is left alone.
+display is needed, and the global backend of a user's notebook is left alone. A figure is rendered
+into memory and written with :func:`visiontune.atomic_io.write_bytes_atomically`, so a symlink
+planted at ``curves.png`` is replaced, never written through.
+
+matplotlib keeps a font cache in its config folder (``~/.config/matplotlib`` or ``~/.cache/matplotlib``,
+else a new folder under ``$TMPDIR``). Unless ``MPLCONFIGDIR`` is already set, it is pointed into
+visiontune's cache folder (``$VISIONTUNE_CACHE/matplotlib``) before matplotlib is first imported,
+so that a run writes nothing outside the run and cache folders.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from visiontune.atomic_io import write_bytes_atomically
+from visiontune.features.store import cache_root
+
+os.environ.setdefault("MPLCONFIGDIR", str(cache_root() / "matplotlib"))
+
+# Below the environment variable on purpose: matplotlib reads MPLCONFIGDIR when it is first imported.
+from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -112,11 +127,18 @@ def _shorten(name: str, limit: int = 18) -> str:
     return name if len(name) <= limit else name[: limit - 1] + "…"
 
 
-def _save(figure: Figure, path: str | Path) -> Path:
+def save_png(figure: Figure, path: str | Path, **savefig_options) -> Path:
+    """Render ``figure`` as PNG in memory and write it atomically to ``path`` (every plot goes here)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(figure)
-    figure.tight_layout()
-    figure.savefig(path, format="png")
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", **savefig_options)
+    write_bytes_atomically(path, buffer.getvalue())
     log.debug("wrote %s", path)
     return path
+
+
+def _save(figure: Figure, path: str | Path) -> Path:
+    FigureCanvasAgg(figure)
+    figure.tight_layout()
+    return save_png(figure, path)

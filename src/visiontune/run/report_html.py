@@ -16,17 +16,20 @@ import io
 import json
 import logging
 import math
-import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from visiontune.atomic_io import same_file, write_text_atomically
 from visiontune.config import load_yaml_text
+from visiontune.data import load_image
 from visiontune.errors import ConfigError, VisiontuneError
+from visiontune.run.files import run_file
+from visiontune.run.folder import REPORT_HTML, RUN_FILES, check_run_folder
+from visiontune.run.plots import plot_confusion, plot_curves
 
 log = logging.getLogger(__name__)
 
-REPORT_HTML = "report.html"
 THUMBNAIL_PX = 128  # longest side of the "most wrong" thumbnails
 MAX_WRONG = 24  # how many of the most wrong validation images to show
 MAX_ITEMS = 40  # a load report can list hundreds of tensors: show this many of each list, and the count
@@ -51,20 +54,27 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, max_wrong: 
     run_dir = Path(run_dir)
     page = build_report(run_dir, max_wrong=max_wrong)
     path = Path(out) if out is not None else run_dir / REPORT_HTML
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(page, encoding="utf-8")
-    os.replace(temporary, path)  # a reader never sees half a page
+    _refuse_overwriting_the_run(run_dir, path)
+    write_text_atomically(path, page)  # a reader never sees half a page; a symlink there is replaced
     log.info("wrote %s", path)
     return path
+
+
+def _refuse_overwriting_the_run(run_dir: Path, path: Path) -> None:
+    """``--out`` may name any file but one of the run's own, which the report is built from."""
+    for name in RUN_FILES:
+        if name != REPORT_HTML and same_file(path, run_dir / name):
+            raise VisiontuneError(f"--out {path} is the run's own {name}; writing the report there would destroy it. "
+                                  f"Choose another file (default: {run_dir / REPORT_HTML})")
 
 
 def build_report(run_dir: str | Path, max_wrong: int = MAX_WRONG) -> str:
     """The report page as a string (see :func:`write_report`)."""
     run_dir = Path(run_dir)
     _require_run_dir(run_dir)
-    report = _read_json(run_dir / "report.json") or {}
-    config_text = _read_text(run_dir / "config.yaml")
-    classes = _read_json(run_dir / "classes.json") or []
+    report = _read_json(run_file(run_dir, "report.json")) or {}
+    config_text = _read_text(run_file(run_dir, "config.yaml"))
+    classes = _read_json(run_file(run_dir, "classes.json")) or []
     sections = [
         ("summary", "Summary", _summary_section(report)),
         ("configuration", "Configuration", _pre(config_text) if config_text else _missing("config.yaml")),
@@ -83,7 +93,8 @@ def build_report(run_dir: str | Path, max_wrong: int = MAX_WRONG) -> str:
 
 def _require_run_dir(run_dir: Path) -> None:
     markers = ("config.yaml", "metrics.csv", "report.json")
-    if not run_dir.is_dir() or not any((run_dir / name).is_file() for name in markers):
+    check_run_folder(run_dir)  # no file of the run may be a link: it could embed any file in the page
+    if not run_dir.is_dir() or not any(run_file(run_dir, name).is_file() for name in markers):
         raise VisiontuneError(f"{run_dir} is not a visiontune run folder (it has none of {', '.join(markers)}); "
                               "pass the folder 'visiontune train' wrote (its --out)")
 
@@ -118,7 +129,7 @@ def _load_report_section(report: dict) -> str:
 
 
 def _curves_section(run_dir: Path) -> str:
-    image = _png_file_or_plot(run_dir / "curves.png", lambda path: _plot_curves_from_csv(run_dir, path))
+    image = _png_file_or_plot(run_file(run_dir, "curves.png"), lambda path: _plot_curves_from_csv(run_dir, path))
     table = _metrics_table(run_dir)
     if image is None and table is None:
         return _missing("curves.png / metrics.csv")
@@ -131,12 +142,11 @@ def _confusion_section(run_dir: Path, report: dict, classes: list) -> str:
     def plot(path: Path) -> bool:
         if not (confusion and classes):
             return False
-        from visiontune.run.plots import plot_confusion
 
         plot_confusion(confusion, classes, path)
         return True
 
-    image = _png_file_or_plot(run_dir / "confusion.png", plot)
+    image = _png_file_or_plot(run_file(run_dir, "confusion.png"), plot)
     return _img(image, "confusion matrix", plot=True) if image else _missing("confusion.png")
 
 
@@ -154,7 +164,7 @@ def _per_class_section(report: dict) -> str:
 
 
 def _most_wrong_section(run_dir: Path, config_text: str | None, max_wrong: int) -> str:
-    rows = _read_csv(run_dir / "val_predictions.csv")
+    rows = _read_csv(run_file(run_dir, "val_predictions.csv"))
     if rows is None:
         return _missing("val_predictions.csv")
     wrong = [row for row in rows if row.get("label") != row.get("predicted")]
@@ -194,10 +204,9 @@ def _png_file_or_plot(path: Path, plot: Callable[[Path], bool]) -> bytes | None:
 
 
 def _plot_curves_from_csv(run_dir: Path, path: Path) -> bool:
-    rows = _read_csv(run_dir / "metrics.csv")
+    rows = _read_csv(run_file(run_dir, "metrics.csv"))
     if not rows:
         return False
-    from visiontune.run.plots import plot_curves
 
     plot_curves(rows, path)
     return True
@@ -223,8 +232,6 @@ def _thumbnail(path: str, roots: list[Path]) -> bytes | None:
     if found is None:
         return None
     try:
-        from visiontune.data import load_image
-
         image = load_image(found)
         image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
         buffer = io.BytesIO()
@@ -245,7 +252,7 @@ def _img(png: bytes, alt: str, plot: bool = False) -> str:
 
 
 def _metrics_table(run_dir: Path) -> str | None:
-    rows = _read_csv(run_dir / "metrics.csv")
+    rows = _read_csv(run_file(run_dir, "metrics.csv"))
     if not rows:
         return None
     columns = [column for column in rows[0] if any(row.get(column) for row in rows)]

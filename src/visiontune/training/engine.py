@@ -23,8 +23,8 @@ from visiontune.config import TrainConfig, config_from_dict, validate
 from visiontune.device import EVAL_PRECISION, out_of_memory_error
 from visiontune.errors import ConfigError
 from visiontune.run.folder import (LAST_CHECKPOINT, capture_rng_state, check_run_dir, default_run_dir,
-                                   load_training_state, prepare_run_dir, restore_rng_state, save_best_weights,
-                                   save_training_state, write_metrics_csv, write_run_header)
+                                   discard_unfinished_run, load_training_state, prepare_run_dir, restore_rng_state,
+                                   save_best_weights, save_training_state, write_metrics_csv, write_run_header)
 from visiontune.training.final_artifacts import TensorBoardLog, write_final_artifacts
 from visiontune.training.loops import EpochStats, NonFiniteLossError, evaluate, require_finite, train_one_epoch
 from visiontune.training.lr_finder import REFERENCE_LR, lr_find_for_setup
@@ -114,8 +114,14 @@ def _train(config: TrainConfig, *, overwrite: bool, reporter: Reporter | None) -
     if auto_lr:
         _apply_lr_finder(setup)
     distributed.on_main_process(prepare_run_dir, run_dir, overwrite=overwrite)
-    write_run_header(run_dir, setup.config, setup.classes, setup.preprocessing)
-    return fit(setup, TrainingState(), run_dir, reporter or LogReporter())
+    state = TrainingState()
+    try:
+        write_run_header(run_dir, setup.config, setup.classes, setup.preprocessing)
+        return fit(setup, state, run_dir, reporter or LogReporter())
+    except KeyboardInterrupt:
+        if state.epoch == 0:  # nothing worth resuming: leave no half-made folder to block a rerun
+            discard_unfinished_run(run_dir)
+        raise
 
 
 def resume(run_dir: str | Path, *, overrides: dict | None = None, reporter: Reporter | None = None) -> TrainResult:
@@ -216,8 +222,8 @@ def fit(setup: TrainingSetup, state: TrainingState, run_dir: Path, reporter: Rep
     except torch.cuda.OutOfMemoryError as error:
         raise out_of_memory_error(error, config.batch_size) from None
     except KeyboardInterrupt:
-        log.warning("interrupted; %s/last.ckpt holds epoch %d, continue with: visiontune train --resume %s",
-                    run_dir, state.epoch, run_dir)
+        # info, not warning: the CLI prints its own one line about what was saved
+        log.info("interrupted; %s/last.ckpt holds epoch %d", run_dir, state.epoch)
         raise TrainingInterrupted(run_dir) from None
     finally:
         tensorboard.close()

@@ -17,7 +17,8 @@ from visiontune.training.loops import evaluate
 from visiontune.run.plots import plot_confusion, plot_curves
 from visiontune.run.report_html import write_report
 from visiontune.run.folder import (BEST_WEIGHTS, CONFUSION_FILE, CURVES_FILE, REPORT_FILE, TENSORBOARD_DIR,
-                            write_json, write_metrics_csv, write_val_predictions)
+                                   write_json, write_metrics_csv, write_val_predictions)
+from visiontune.run.files import run_file, run_subfolder
 from visiontune.training.strategies import describe_groups
 from visiontune.training.setup import TrainingSetup
 from visiontune.training.state import TrainingState
@@ -32,11 +33,13 @@ class TensorBoardLog:
         self.writer = None
         if not is_main_process():
             return
+        # SummaryWriter opens its events file itself, not atomically: a symlinked tensorboard/ is refused
+        log_dir = run_subfolder(run_dir, TENSORBOARD_DIR)
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # tensorboard is optional: pip install visiontune[tensorboard]
             return
-        self.writer = SummaryWriter(log_dir=str(run_dir / TENSORBOARD_DIR))
+        self.writer = SummaryWriter(log_dir=str(log_dir))
 
     def add_row(self, row: dict) -> None:
         if self.writer is None:
@@ -54,7 +57,7 @@ class TensorBoardLog:
 def load_best_weights(setup: TrainingSetup, run_dir: Path) -> None:
     """Load best.safetensors into the model through load_weights, so that a damaged file (cut
     short, a lying header, NaN, another model's tensors) is a one-line CheckpointError naming it."""
-    path = run_dir / BEST_WEIGHTS
+    path = run_file(run_dir, BEST_WEIGHTS)
     if not path.is_file():
         return
     report = load_weights(setup.model, path, match="name")

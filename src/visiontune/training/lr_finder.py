@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from visiontune.device import Precision
+from visiontune.run.plots import Figure, save_png
 from visiontune.training.loops import set_train_mode, train_step
 from visiontune.training.setup import TrainingSetup
 
@@ -200,11 +201,8 @@ def valley(lrs: list[float], losses: list[float]) -> float:
 
 def plot_lr_find(result: LRFindResult, path: str | Path) -> Path:
     """Smoothed loss against learning rate (log scale), the suggestion marked; written as PNG."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
 
     figure = Figure(figsize=(6, 4), dpi=110)
-    FigureCanvasAgg(figure)
     axes = figure.subplots()
     if result.lrs:
         axes.plot(result.lrs, result.losses)
@@ -220,10 +218,7 @@ def plot_lr_find(result: LRFindResult, path: str | Path) -> Path:
     axes.set_ylabel("smoothed training loss")
     axes.set_title("Learning-rate range test")
     axes.grid(alpha=0.3, which="both")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, bbox_inches="tight")
-    return path
+    return save_png(figure, path, bbox_inches="tight")
 
 
 def _warn_if_data_is_tiny(loader: Iterable, num_steps: int) -> None:

@@ -9,6 +9,7 @@ so an epoch gives the same batches straight through or after a resume.
 from __future__ import annotations
 
 import logging
+import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from visiontune.checkpoint import load_weights
 from visiontune.checkpoint.suffixes import has_weight_suffix
 from visiontune.config import TrainConfig
 from visiontune.data.datasets import require_trainable
+from visiontune.features.store import cache_root
 from visiontune.device import (Precision, configure_threads, default_workers, prefers_channels_last, resolve_device,
                                resolve_precision)
 from visiontune.errors import ConfigError
@@ -86,6 +88,7 @@ def build_training(config: TrainConfig) -> TrainingSetup:
     if prefers_channels_last(model):
         model.to(memory_format=torch.channels_last)
     if config.compile:
+        _keep_compile_caches_in(cache_root())
         model.compile()  # in place: parameter and module names, hence the anatomy, are unchanged
     # Found once, on the model as it will train (SyncBatchNorm swapped in): nothing later searches it again.
     anatomy = anatomy_of(model, name=config.model)
@@ -229,3 +232,13 @@ def _eval_loader(dataset: Dataset, batch_size: int, workers: int, device: torch.
     # Each process evaluates its unpadded shard; loops.evaluate sums the metrics over processes.
     return DataLoader(dataset, batch_size=batch_size, sampler=distributed.make_eval_sampler(dataset),
                       num_workers=workers, persistent_workers=workers > 0, pin_memory=device.type == "cuda")
+
+
+COMPILE_CACHES = {"TORCHINDUCTOR_CACHE_DIR": "torchinductor", "TRITON_CACHE_DIR": "triton"}
+
+
+def _keep_compile_caches_in(cache: Path) -> None:
+    """torch.compile caches its kernels under $TMPDIR/torchinductor_<user> and ~/.triton by default;
+    unless the user chose other places, they go into visiontune's cache folder (read at compile time)."""
+    for variable, folder in COMPILE_CACHES.items():
+        os.environ.setdefault(variable, str(cache / folder))
