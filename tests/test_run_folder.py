@@ -60,6 +60,10 @@ def test_check_run_dir_refuses_a_file_and_a_folder_with_files(tmp_path):
     (tmp_path / "used" / "notes.txt").write_text("mine")
     with pytest.raises(ConfigError, match="--overwrite"):
         check_run_dir(tmp_path / "used")
+    # --overwrite replaces only a run's own files: a folder of someone else's files is no run folder
+    with pytest.raises(ConfigError, match="not a visiontune run folder"):
+        check_run_dir(tmp_path / "used", overwrite=True)
+    (tmp_path / "used" / "config.yaml").write_text("model: resnet18\n")
     assert check_run_dir(tmp_path / "used", overwrite=True) == tmp_path / "used"
 
 
@@ -67,6 +71,7 @@ def test_prepare_run_dir_with_overwrite_removes_only_visiontune_files(tmp_path):
     run_dir = tmp_path / "run"
     prepare_run_dir(run_dir)
     assert run_dir.is_dir()
+    (run_dir / "config.yaml").write_text("model: resnet18\n")
     (run_dir / "metrics.csv").write_text("old")
     (run_dir / LAST_CHECKPOINT).write_bytes(b"old")
     (run_dir / "tensorboard").mkdir()
