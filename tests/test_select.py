@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import visiontune
+from visiontune import memory
 from visiontune.cli import main
 from visiontune.config import TrainConfig
 from visiontune.device import Precision
@@ -146,8 +147,8 @@ def test_ranking_follows_the_probe_accuracy(data_dir, tmp_path, monkeypatch):
     real_probe = select_module.run_linear_probe
     names = iter(TINY)
 
-    def probe(train, val, num_classes, steps):
-        real_probe(train, val, num_classes, steps=steps)
+    def probe(train, val, num_classes, **options):
+        real_probe(train, val, num_classes, **options)
         return ProbeResult(accuracies[next(names)], 1.0, 0.1, 8)
 
     monkeypatch.setattr(select_module, "run_linear_probe", probe)
@@ -166,6 +167,21 @@ def test_a_model_without_a_probe_is_listed_last_with_the_reason(data_dir, tmp_pa
     assert [c["model"] for c in written["candidates"]] == ["timm:test_resnet", "squeezenet1_1"]
     assert "no linear probe" in written["candidates"][1]["error"]
     assert "no linear probe" in capsys.readouterr().out
+
+
+def test_without_memory_to_spare_images_come_from_files_and_features_from_the_disk_cache(
+        data_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda: 0)  # nothing fits: every cache goes to disk
+    first = select_backbone(data_dir, "timm:test_resnet", weights="none", image_size=32, batch_size=4,
+                            out=tmp_path / "first", clock=fake_clock())
+    entries = list((tmp_path / "cache" / "features").iterdir())
+    assert len(entries) == 2  # the training and the validation features
+    again = select_backbone(data_dir, "timm:test_resnet", weights="none", image_size=32, batch_size=4,
+                            out=tmp_path / "again", clock=fake_clock())
+    assert list((tmp_path / "cache" / "features").iterdir()) == entries  # read back, not written again
+    # The same features and the same deterministic probe (zero start, full batch): the same accuracy.
+    assert again.candidates[0].val_accuracy == first.candidates[0].val_accuracy
+    assert first.train_images == 18 and first.val_images == 6
 
 
 def test_select_backbone_is_public_api():

@@ -39,7 +39,9 @@ def as_matrix(cached: CachedFeatures, view: int = 0) -> torch.Tensor:
     """One view of cached features as an (N, D) float32 matrix; spatial features (a head that
     takes a feature map) are averaged over their positions, as a global pooling head would."""
     features = cached.features[view]
-    matrix = torch.from_numpy(np.asarray(features)) if isinstance(features, np.ndarray) else features
+    if isinstance(features, np.ndarray):  # memory-mapped from the disk cache (read-only): read it in
+        features = torch.from_numpy(np.array(features, dtype=np.float32))
+    matrix = features
     matrix = matrix.float()
     if matrix.dim() > 2:
         matrix = matrix.flatten(2).mean(dim=2)
@@ -47,21 +49,27 @@ def as_matrix(cached: CachedFeatures, view: int = 0) -> torch.Tensor:
 
 
 def fit_linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, num_classes: int, *,
-                     steps: int = PROBE_STEPS, weight_decay: float = PROBE_WEIGHT_DECAY) -> nn.Linear:
-    """Logistic regression of ``train_labels`` on ``train_features`` (N, D); returns a linear layer
-    that takes raw (unstandardised) features, the standardisation folded into its weights."""
+                     steps: int = PROBE_STEPS, weight_decay: float = PROBE_WEIGHT_DECAY,
+                     device: torch.device | str = "cpu") -> nn.Linear:
+    """Logistic regression of ``train_labels`` on ``train_features`` (N, D), fitted on ``device``;
+    returns a linear layer (on the CPU) that takes raw (unstandardised) features, the
+    standardisation folded into its weights. Float64 throughout: L-BFGS's line search compares
+    losses that differ in their last float32 digits near the optimum."""
     if train_features.dim() != 2 or len(train_features) != len(train_labels):
         raise ValueError(f"expected (N, D) features and N labels, got {tuple(train_features.shape)} and "
                          f"{tuple(train_labels.shape)}")
-    features = train_features.double()
+    device = torch.device(device)
+    if device.type == "mps":
+        device = torch.device("cpu")  # no float64 on Apple GPUs
+    features = train_features.to(device, torch.float64)
     mean = features.mean(dim=0)
     # Constant features (spread 0) would divide by zero; they carry no information, so scale them by 1.
     spread = features.std(dim=0, unbiased=False)
     spread = torch.where(spread > 1e-12, spread, torch.ones_like(spread))
     standard = (features - mean) / spread
-    labels = train_labels.long()
-    weight = torch.zeros(num_classes, features.shape[1], dtype=torch.float64, requires_grad=True)
-    bias = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
+    labels = train_labels.long().to(device)
+    weight = torch.zeros(num_classes, features.shape[1], dtype=torch.float64, device=device, requires_grad=True)
+    bias = torch.zeros(num_classes, dtype=torch.float64, device=device, requires_grad=True)
     optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=steps, history_size=20,
                                   tolerance_grad=1e-9, tolerance_change=1e-12, line_search_fn="strong_wolfe")
 
@@ -76,8 +84,8 @@ def fit_linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, n
     probe = nn.Linear(features.shape[1], num_classes)
     with torch.no_grad():
         scaled = weight.detach() / spread  # W (x - m) / s = (W / s) x - (W / s) m
-        probe.weight.copy_(scaled.float())
-        probe.bias.copy_((bias.detach() - scaled @ mean).float())
+        probe.weight.copy_(scaled.float().cpu())
+        probe.bias.copy_((bias.detach() - scaled @ mean).float().cpu())
     return probe
 
 
@@ -90,10 +98,10 @@ def accuracy(probe: nn.Module, features: torch.Tensor, labels: torch.Tensor) -> 
 
 
 def run_linear_probe(train: CachedFeatures, val: CachedFeatures, num_classes: int, *,
-                     steps: int = PROBE_STEPS) -> ProbeResult:
-    """Fit a probe on ``train``'s features and measure it on ``val``'s."""
+                     steps: int = PROBE_STEPS, device: torch.device | str = "cpu") -> ProbeResult:
+    """Fit a probe on ``train``'s features (on ``device``) and measure it on ``val``'s."""
     train_x, val_x = as_matrix(train), as_matrix(val)
-    probe = fit_linear_probe(train_x, train.labels, num_classes, steps=steps)
+    probe = fit_linear_probe(train_x, train.labels, num_classes, steps=steps, device=device)
     with torch.no_grad():
         loss = float(nn.functional.cross_entropy(probe(train_x), train.labels.long()))
     result = ProbeResult(val_accuracy=accuracy(probe, val_x, val.labels),

@@ -186,12 +186,15 @@ class _ImageSets:
         self.split = split
         self.budget = MemoryBudget.from_available()
         self._prepared: dict[tuple, tuple] = {}
+        self._claimed = 0  # bytes of the budget the decoded images hold
         self.train_count, self.val_count = len(split.train), len(split.val)
 
     def get(self, preprocessing: Preprocessing):
         key = (preprocessing.resize_size, preprocessing.crop_size, preprocessing.interpolation)
         if key not in self._prepared:
             self._prepared.clear()  # the candidate before used other sizes: free its images
+            self.budget.release(self._claimed)
+            self._claimed = 0
             self._prepared[key] = self._decode(preprocessing)
         train_samples, train_images, val_samples, val_images = self._prepared[key]
         transform = data.build_eval_transform(preprocessing)
@@ -200,7 +203,9 @@ class _ImageSets:
 
     def _decode(self, preprocessing: Preprocessing):
         size = preprocessing.resize_size
-        if data.fits_in_memory(len(self.split.train) + len(self.split.val), size, self.budget):
+        needed = data.decoded_bytes(len(self.split.train) + len(self.split.val), size)
+        if self.budget.claim(needed, "decoded images"):
+            self._claimed = needed
             def decoded(samples):
                 return data.decode_to_uint8(samples, size, crop_size=preprocessing.crop_size,
                                             interpolation=preprocessing.interpolation)
@@ -234,7 +239,7 @@ def _score(config: TrainConfig, split, images: _ImageSets, device, precision, pr
     transform = repr(data.build_eval_transform(preprocessing))
     try:
         features = [build_feature_cache(model, dataset, batch_size=config.batch_size, device=device,
-                                        anatomy=anatomy, cache_dir=cache_dir,
+                                        anatomy=anatomy, cache_dir=cache_dir, memory_budget=images.budget,
                                         key=feature_cache_key(model, samples, transform_description=transform,
                                                               views=1, model_name=config.model, anatomy=anatomy))
                     for samples, dataset in ((train_samples, train_set), (val_samples, val_set))]
@@ -242,7 +247,9 @@ def _score(config: TrainConfig, split, images: _ImageSets, device, precision, pr
         candidate.error = f"no linear probe: {error}"
         log.warning("%s: %s", config.model, candidate.error)
         return candidate
-    probe = run_linear_probe(*features, len(split.classes), steps=probe_steps)
+    probe = run_linear_probe(*features, len(split.classes), steps=probe_steps, device=device)
+    for cached in features:
+        images.budget.release(cached.memory_bytes)  # dropped now: the next candidate's may use the room
     candidate.val_accuracy, candidate.train_accuracy = probe.val_accuracy, probe.train_accuracy
     candidate.feature_dim = probe.feature_dim
     speed = measure_training_throughput(model, config, len(split.classes), preprocessing.crop_size, device,
