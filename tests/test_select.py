@@ -132,7 +132,8 @@ def test_select_prints_a_ranked_table_and_writes_select_json(data_dir, tmp_path,
         assert candidate["epochs_in_budget"] == pytest.approx(180 * candidate["images_per_second"] / 18)
         built = create_model(candidate["model"], num_classes=3, weights=None)
         assert candidate["parameters"] == sum(p.numel() for p in built.parameters())
-    assert written["train_images"] == 18 and written["val_images"] == 6 and written["classes"] == ["blue", "green", "red"]
+    assert (written["train_images"], written["val_images"]) == (18, 6)
+    assert written["classes"] == ["blue", "green", "red"]
     lines = printed.splitlines()
     header = next(index for index, line in enumerate(lines) if line.lstrip().startswith("rank"))
     table = lines[header + 1:header + 1 + len(TINY)]

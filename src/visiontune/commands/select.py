@@ -60,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
 
 def print_table(result) -> None:
     with_budget = result.budget_seconds is not None
-    header = ["rank", "model", "probe acc", "images/s", "params (M)", "px"] + (["epochs in budget"] if with_budget else [])
+    header = ["rank", "model", "probe acc", "images/s", "params (M)", "px"]
+    header += ["epochs in budget"] if with_budget else []
     rows = []
     for index, candidate in enumerate(result.candidates, start=1):
         if candidate.error is not None:

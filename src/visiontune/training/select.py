@@ -29,7 +29,7 @@ from visiontune import data
 from visiontune.atomic_io import write_text_atomically
 from visiontune.config import TrainConfig, config_from_dict
 from visiontune.data.datasets import require_trainable
-from visiontune.device import resolve_device, resolve_precision
+from visiontune.device import prefers_channels_last, resolve_device, resolve_precision
 from visiontune.errors import ConfigError, shown
 from visiontune.features.extract import HeadNotReproducible, build_feature_cache, feature_cache_key
 from visiontune.features.probe import PROBE_STEPS, run_linear_probe
@@ -59,7 +59,7 @@ class Candidate:
     train_accuracy: float | None = None
     feature_dim: int | None = None
     images_per_second: float | None = None  # one training step of the main phase, images per second
-    epochs_in_budget: float | None = None  # training epochs that fit in the budget at that speed
+    epochs_in_budget: float | None = None  # epochs fitting in the budget at that step speed (no loading, validation)
     seconds: float = 0.0  # wall time this candidate's scoring took
     error: str | None = None
 
@@ -233,6 +233,8 @@ def _score(config: TrainConfig, split, images: _ImageSets, device, precision, pr
     torch.manual_seed(config.seed)  # the new head's initialisation (and a random-init backbone's)
     model, _ = build_model(config, len(split.classes))
     model.to(device)
+    if prefers_channels_last(model):
+        model.to(memory_format=torch.channels_last)  # as training will run it; oneDNN's faster kernels
     anatomy = anatomy_of(model, name=config.model)
     candidate = Candidate(config.model, parameters=sum(p.numel() for p in model.parameters()),
                           image_size=preprocessing.crop_size)
