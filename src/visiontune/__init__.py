@@ -42,6 +42,7 @@ _EXPORTS = {
     # after training
     "export_run": "visiontune.run.export",
     "lr_find": "visiontune.training.lr_finder",
+    "select_backbone": "visiontune.training.select",
     "write_report": "visiontune.run.report_html",
     # errors
     "VisiontuneError": "visiontune.errors",

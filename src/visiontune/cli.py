@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "evaluate",
     "predict",
     "models",
+    "select",
     "inspect",
     "convert",
     "export",
