@@ -13,6 +13,7 @@ from torch import nn
 from conftest import make_image_folder
 from visiontune import load_run
 from visiontune.cli import main
+from visiontune.model.create import create_model
 from visiontune.model.anatomy import anatomy_of, owns
 from visiontune.run.inference import evaluate_run
 from visiontune.training import engine
@@ -46,6 +47,28 @@ def test_the_average_follows_the_ema_formula_for_weights_and_batchnorm_statistic
     assert not torch.equal(averaged["1.running_mean"], model.state_dict()["1.running_mean"])  # averaged, not copied
     assert all(not p.requires_grad for p in ema.model.parameters())
     assert make_weight_average(model, 0.0) is None
+
+
+def test_averaging_only_the_trained_head_gives_the_full_averages_numbers():
+    """follow(head): the frozen backbone would be averaged with itself, so skipping it changes nothing."""
+    torch.manual_seed(0)
+    model = create_model("timm:test_resnet", num_classes=3, weights=None)
+    anatomy = anatomy_of(model)
+    head = anatomy.head_module(model)
+    whole, part = WeightAverage(model, 0.9), WeightAverage(model, 0.9)
+    part.follow(head, anatomy)
+    for step in range(3):
+        with torch.no_grad():
+            for parameter in head.parameters():
+                parameter.add_(torch.randn_like(parameter))
+        whole.update()
+        part.update()
+    assert int(part.averaged.n_averaged) == int(whole.averaged.n_averaged) == 3
+    expected = whole.state_dict()
+    for name, value in part.state_dict().items():
+        assert torch.equal(value, expected[name]), name
+    with pytest.raises(ValueError, match="whole model"):
+        part.follow(nn.Linear(2, 2), anatomy)
 
 
 def test_the_state_round_trips_and_an_older_checkpoint_without_ema_entries_still_loads():

@@ -3,9 +3,11 @@
 The average is torch's own :class:`~torch.optim.swa_utils.AveragedModel` with
 ``get_ema_multi_avg_fn`` (one fused lerp over all tensors per step) and ``use_buffers=True``, so
 BatchNorm running statistics are averaged along with the weights rather than copied from the
-live model. It always averages the full model (``source``), whichever module the step trained:
-in a phase that trains the head on cached features the loop steps the head alone, and the frozen
-backbone's tensors are then averaged with themselves, which leaves them exactly as they are.
+live model. It averages the full model (``source``), whichever module the step trained: in a
+phase that trains the head on cached features the loop steps the head alone, and the frozen
+backbone's tensors would only be averaged with themselves (``lerp(x, x, w) == x`` exactly). So
+after :meth:`WeightAverage.follow` names the head, each update folds in the head's tensors alone:
+the same numbers, without a pass over millions of unchanging weights per step of a tiny head.
 """
 
 from __future__ import annotations
@@ -25,6 +27,17 @@ class WeightAverage:
         self.averaged = AveragedModel(source, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
         self.averaged.requires_grad_(False)  # never trained: autograd need not track the copy
         self.averaged.eval()
+        self._part: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None  # (averaged, source) tensors
+
+    def follow(self, trained: nn.Module, anatomy: Anatomy) -> None:
+        """Average only ``trained``'s tensors from now on when it is the source's head (cached
+        features: nothing else can change), else the whole model."""
+        if trained is self.source:
+            self._part = None
+            return
+        counterpart = self.view_of(trained, anatomy)
+        self._part = ([*counterpart.parameters(), *counterpart.buffers()],
+                      [*trained.parameters(), *trained.buffers()])
 
     @property
     def model(self) -> nn.Module:
@@ -34,7 +47,17 @@ class WeightAverage:
     @torch.no_grad()
     def update(self) -> None:
         """Fold the source's current weights in; the first call copies them (AveragedModel's rule)."""
-        self.averaged.update_parameters(self.source)
+        if self._part is None or self.averaged.n_averaged == 0:
+            self.averaged.update_parameters(self.source)
+            return
+        averaged, source = self._part
+        # AveragedModel's own step on the part that trains: its EMA function per kind of tensor
+        # (a fused lerp for floats, its own formula for integer counters), then one more average.
+        for floating in (True, False):
+            pairs = [(a, s) for a, s in zip(averaged, source) if a.is_floating_point() == floating]
+            if pairs:
+                self.averaged.multi_avg_fn([a for a, _ in pairs], [s for _, s in pairs], self.averaged.n_averaged)
+        self.averaged.n_averaged += 1
 
     def view_of(self, trained: nn.Module, anatomy: Anatomy) -> nn.Module:
         """The averaged counterpart of ``trained``: the whole averaged model, or its head when the

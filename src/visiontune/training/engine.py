@@ -195,6 +195,8 @@ def fit(setup: TrainingSetup, state: TrainingState, run_dir: Path, reporter: Rep
             schedule = build_schedule(steps_per_epoch, phase.epochs, config.warmup_epochs)
             reporter.start_epoch(epoch + 1, config.epochs, steps_per_epoch, phase.name)
             inputs = phase_inputs.for_epoch(phase_index, epoch)  # also sets the sampler's epoch
+            if ema is not None:
+                ema.follow(inputs.model, setup.anatomy)  # the head alone when it trains on cached features
             stats = train_one_epoch(
                 distributed.ddp_view(inputs.model, setup.device),  # DDP under torchrun, else the model itself
                 inputs.train_loader, setup.optimizer, setup.loss_fn, setup.device,
