@@ -26,10 +26,12 @@ def _metrics_without_timings(run_dir):
 
 
 @pytest.mark.slow
-def test_interrupted_and_resumed_run_matches_a_straight_run_bit_for_bit(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("extra", [[], ["--ema", "0.9"]], ids=["plain", "ema"])
+def test_interrupted_and_resumed_run_matches_a_straight_run_bit_for_bit(tmp_path, monkeypatch, capsys, extra):
     data = make_image_folder(tmp_path / "data", per_class=6, val_per_class=2)
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    assert main(["train", "--data", str(data), *RECIPE, "--out", str(straight)]) == 0
+    recipe = [*RECIPE, *extra]
+    assert main(["train", "--data", str(data), *recipe, "--out", str(straight)]) == 0
 
     def interrupt_in_epoch_3(self, images):
         if self.epoch_number == 3:
@@ -44,7 +46,7 @@ def test_interrupted_and_resumed_run_matches_a_straight_run_bit_for_bit(tmp_path
     with monkeypatch.context() as patch:
         patch.setattr(ConsoleReporter, "start_epoch", remember_epoch)
         patch.setattr(ConsoleReporter, "advance", interrupt_in_epoch_3)
-        assert main(["train", "--data", str(data), *RECIPE, "--out", str(interrupted)]) == 130
+        assert main(["train", "--data", str(data), *recipe, "--out", str(interrupted)]) == 130
     assert f"--resume {interrupted}" in capsys.readouterr().err
     saved = torch.load(interrupted / "last.ckpt", weights_only=True)
     assert (saved["epoch"], saved["phase"]) == (2, 1)
@@ -59,6 +61,10 @@ def test_interrupted_and_resumed_run_matches_a_straight_run_bit_for_bit(tmp_path
         assert torch.equal(value, resumed["model"][key]), key
     for key, value in expected["optimizer"]["state"].items():
         assert all(torch.equal(value[name], resumed["optimizer"]["state"][key][name]) for name in value)
+    assert ("ema" in expected) == ("ema" in resumed) == bool(extra)
+    for key, value in expected.get("ema", {}).items():  # --ema: the average resumes exactly too
+        assert torch.equal(value, resumed["ema"][key]), key
+    assert expected["best_weights"] == resumed["best_weights"]
     assert _metrics_without_timings(straight) == _metrics_without_timings(interrupted)
 
 

@@ -64,6 +64,10 @@ class TrainConfig:
     grad_clip: float = field(default=0.0, metadata=_option("clip the gradient norm to this; 0 turns it off", low=0.0))
     label_smoothing: float = field(default=0.0, metadata=_option(
         "label smoothing of the cross-entropy", low=0.0, high=1.0, high_open=True))
+    ema: float = field(default=0.0, metadata=_option(
+        "decay per step of an exponential moving average of the weights (typical 0.999), validated beside "
+        "the model each epoch and kept when better; 0 turns it off", low=0.0, high=1.0, high_open=True,
+        metavar="DECAY"))
     mixup: float = field(default=0.0, metadata=_option("mixup alpha; 0 turns it off", low=0.0))
     cutmix: float = field(default=0.0, metadata=_option("cutmix alpha; 0 turns it off", low=0.0))
     augment: str = field(default="basic", metadata=_option(

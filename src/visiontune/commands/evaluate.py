@@ -22,6 +22,9 @@ def register(subparsers) -> None:
     )
     add_run_arguments(parser, batch_size=64)
     parser.add_argument("--data", required=True, metavar="DIR", help="labelled folder of class sub-folders, or a CSV")
+    parser.add_argument("--tta", action="store_true",
+                        help="test-time augmentation: average each image's probabilities with its horizontal "
+                        "flip's (two forward passes)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     parser.set_defaults(func=run)
 
@@ -33,24 +36,25 @@ def run(args: argparse.Namespace) -> int:
     # Under torchrun each process evaluates its share of the batches; all get the summed metrics.
     with distributed.session():
         loaded = load_run(args.run, checkpoint=args.checkpoint, device=args.device)
-        evaluation = evaluate_run(loaded, args.data, batch_size=args.batch_size, across_processes=True)
+        evaluation = evaluate_run(loaded, args.data, batch_size=args.batch_size, across_processes=True, tta=args.tta)
     if not distributed.is_main_process():
         return 0
     if args.json:
-        result = {"run": str(args.run), "checkpoint": args.checkpoint, **evaluation.to_dict()}
+        result = {"run": str(args.run), "checkpoint": args.checkpoint, "tta": args.tta, **evaluation.to_dict()}
         print(json.dumps(result, indent=2))
     else:
-        print(format_evaluation(evaluation, args.run, args.checkpoint))
+        print(format_evaluation(evaluation, args.run, args.checkpoint, tta=args.tta))
     for path, reason in evaluation.skipped:
         print(f"skipped unreadable image {path}: {reason}", file=sys.stderr)
     return 0
 
 
-def format_evaluation(evaluation, run_dir, checkpoint: str) -> str:
+def format_evaluation(evaluation, run_dir, checkpoint: str, tta: bool = False) -> str:
     """The summary lines and the per-class table, for people."""
     metrics = evaluation.metrics
+    how = f"{checkpoint} checkpoint" + (", flip TTA" if tta else "")
     lines = [
-        f"run {run_dir} ({checkpoint} checkpoint) on {evaluation.data}: {metrics['num_images']} images",
+        f"run {run_dir} ({how}) on {evaluation.data}: {metrics['num_images']} images",
         f"  accuracy  {metrics['accuracy']:.2%}",
     ]
     if metrics["top5"] is not None:

@@ -21,6 +21,9 @@ def register(subparsers) -> None:
     parser.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders of images")
     parser.add_argument("--top-k", type=positive_int, default=3, metavar="K",
                         help="labels to show per image (default: 3)")
+    parser.add_argument("--tta", action="store_true",
+                        help="test-time augmentation: average each image's probabilities with its horizontal "
+                        "flip's (two forward passes)")
     parser.add_argument("--json", action="store_true",
                         help='print a JSON list of {"path", "label", "score", "top_k": [{"label", "score"}]}')
     parser.set_defaults(func=run)
@@ -36,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     with distributed.session():
         loaded = load_run(args.run, checkpoint=args.checkpoint, device=args.device)
         predictions, skipped = predict_images(loaded, images, top_k=args.top_k, batch_size=args.batch_size,
-                                              across_processes=True)
+                                              across_processes=True, tta=args.tta)
     if not distributed.is_main_process():
         return 0
     for path, reason in skipped:

@@ -73,6 +73,7 @@ RUN_FILES = (CONFIG_FILE, CLASSES_FILE, PREPROCESSING_FILE, METRICS_FILE, BEST_W
 EXPORT_FILES = ("model.onnx", "model.onnx.json", "model.onnx.data", "model.pt", "model.pt.json")
 METRICS_COLUMNS = ("epoch", "phase", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5",
                    "val_macro_f1", "seconds", "images_per_s")
+OPTIONAL_METRICS_COLUMNS = ("val_acc_ema",)  # the EMA weights' validation accuracy, under --ema
 
 
 # -- creating the folder -----------------------------------------------------------------------
@@ -197,9 +198,11 @@ def write_metrics_csv(run_dir: Path, rows: list[dict]) -> None:
     """Rewrite metrics.csv from the history kept in the training state (so a resume never doubles rows)."""
     if not is_main_process():
         return
-    lines = [",".join(METRICS_COLUMNS)]
+    # Columns of optional features (val_acc_ema: --ema) only when a row has them.
+    columns = METRICS_COLUMNS + tuple(column for column in OPTIONAL_METRICS_COLUMNS if any(column in row for row in rows))
+    lines = [",".join(columns)]
     for row in rows:
-        lines.append(",".join(_csv_cell(row.get(column)) for column in METRICS_COLUMNS))
+        lines.append(",".join(_csv_cell(row.get(column)) for column in columns))
     _atomic_text(run_dir / METRICS_FILE, "\n".join(lines) + "\n")
 
 
@@ -303,9 +306,10 @@ class LoadedRun:
     config: TrainConfig
     run_dir: Path
 
-    def predict(self, paths, top_k: int = 5):
-        """Classify image files: ``(predictions, skipped)`` as :func:`visiontune.run.inference.predict_images`."""
-        return predict_images(self, [paths] if isinstance(paths, (str, Path)) else paths, top_k=top_k)
+    def predict(self, paths, top_k: int = 5, tta: bool = False):
+        """Classify image files: ``(predictions, skipped)`` as :func:`visiontune.run.inference.predict_images`
+        (``tta``: average each image's probabilities with its horizontal flip's)."""
+        return predict_images(self, [paths] if isinstance(paths, (str, Path)) else paths, top_k=top_k, tta=tta)
 
 
 def load_run(run_dir: str | Path, checkpoint: str = "best", device: str | torch.device = "cpu") -> LoadedRun:

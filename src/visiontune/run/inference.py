@@ -14,6 +14,7 @@ so rank 0 alone may call these functions.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,10 +81,12 @@ def collect_images(paths: Iterable[str | Path]) -> list[Path]:
 
 
 def predict_images(
-    run, paths: Sequence[str | Path], top_k: int = 5, batch_size: int = 32, across_processes: bool = False
+    run, paths: Sequence[str | Path], top_k: int = 5, batch_size: int = 32, across_processes: bool = False,
+    tta: bool = False,
 ) -> tuple[list[Prediction], list[tuple[str, str]]]:
     """Classify ``paths`` (image files) with the run's model; ``(predictions, skipped)`` in the
-    order of ``paths``. ``across_processes``: see the module docstring."""
+    order of ``paths``. ``tta``: see :func:`class_log_probabilities`; ``across_processes``: see the
+    module docstring."""
     if top_k < 1:
         raise DataError(f"--top-k must be at least 1, got {top_k}")
     top_k = min(top_k, len(run.classes))
@@ -91,7 +94,7 @@ def predict_images(
     skipped: list[tuple[str, str]] = []
     paths = list(paths)
     for batch_paths, images in _image_batches(run, _share(paths, batch_size, across_processes), batch_size, skipped):
-        probabilities = F.softmax(_logits(run.model, images).float(), dim=1)
+        probabilities = class_log_probabilities(run.model, images, tta=tta).exp().float()
         scores, indices = probabilities.topk(top_k, dim=1)
         for path, row_scores, row_indices in zip(batch_paths, scores.tolist(), indices.tolist()):
             ranked = [(run.classes[i], score) for i, score in zip(row_indices, row_scores)]
@@ -102,11 +105,13 @@ def predict_images(
     return predictions, skipped
 
 
-def evaluate_run(run, data: str | Path, batch_size: int = 64, across_processes: bool = False) -> Evaluation:
+def evaluate_run(run, data: str | Path, batch_size: int = 64, across_processes: bool = False,
+                 tta: bool = False) -> Evaluation:
     """Metrics of the run's model on a labelled folder (``data/<class>/*``, or ``data/val/<class>/*``
     when ``data`` is a dataset root, or a CSV manifest). Class folders may be a subset of the
-    run's classes; a class the model does not know is a DataError. ``across_processes``: see the
-    module docstring."""
+    run's classes; a class the model does not know is a DataError. ``tta``: see
+    :func:`class_log_probabilities` (the loss is then that of the averaged probabilities);
+    ``across_processes``: see the module docstring."""
     samples = scan_labelled(data, list(run.classes))
     labels = {str(sample.path): sample.label for sample in samples}
     metrics = ClassificationMetrics(list(run.classes))
@@ -114,7 +119,8 @@ def evaluate_run(run, data: str | Path, batch_size: int = 64, across_processes: 
     paths = [sample.path for sample in samples]
     for batch_paths, images in _image_batches(run, _share(paths, batch_size, across_processes), batch_size, skipped):
         targets = torch.tensor([labels[str(p)] for p in batch_paths])
-        metrics.update(_logits(run.model, images).float().cpu(), targets)
+        # Log-probabilities as logits: the same arg-max and top-5, and cross-entropy = -log p(label).
+        metrics.update(class_log_probabilities(run.model, images, tta=tta).cpu(), targets)
     if across_processes:
         distributed.all_reduce_metrics(metrics)  # every process now holds the whole set's sums
         skipped = _gather_in_order(skipped, paths, lambda item: item[0])
@@ -171,8 +177,20 @@ def _image_batches(
 
 
 @torch.inference_mode()
-def _logits(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-    return main_logits(model(images))
+def class_log_probabilities(model: torch.nn.Module, images: torch.Tensor, tta: bool = False) -> torch.Tensor:
+    """Log-softmax probabilities (batch, classes) of ``model`` on a batch of images, in float64
+    (what ClassificationMetrics computes its cross-entropy in), so that a confidently wrong image
+    keeps its true loss instead of a probability that underflowed to 0.
+
+    ``tta`` (test-time augmentation, ``--tta``): the log of the mean of the probabilities of each
+    image and of its horizontal flip, the augmentation every training recipe here applies
+    (``--augment basic`` flips at random). Costs a second forward pass."""
+    log_probabilities = F.log_softmax(main_logits(model(images)).double(), dim=1)
+    if not tta:
+        return log_probabilities
+    flipped = F.log_softmax(main_logits(model(images.flip(-1))).double(), dim=1)  # dim -1: width in NCHW
+    # log((p + q) / 2) without leaving log space
+    return torch.logaddexp(log_probabilities, flipped) - math.log(2.0)
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:

@@ -21,12 +21,14 @@ import torch
 from visiontune import distributed
 from visiontune.config import TrainConfig, config_from_dict, validate
 from visiontune.device import EVAL_PRECISION, out_of_memory_error
-from visiontune.errors import ConfigError
+from visiontune.errors import CheckpointError, ConfigError
 from visiontune.run.folder import (LAST_CHECKPOINT, capture_rng_state, check_run_dir, default_run_dir,
                                    discard_unfinished_run, load_training_state, prepare_run_dir, restore_rng_state,
                                    save_best_weights, save_training_state, write_metrics_csv, write_run_header)
+from visiontune.training.ema import WeightAverage, make_weight_average
 from visiontune.training.final_artifacts import TensorBoardLog, write_final_artifacts
-from visiontune.training.loops import EpochStats, NonFiniteLossError, evaluate, require_finite, train_one_epoch
+from visiontune.training.loops import (EpochStats, Evaluation, NonFiniteLossError, evaluate, require_finite,
+                                       train_one_epoch)
 from visiontune.training.lr_finder import REFERENCE_LR, lr_find_for_setup
 from visiontune.training.phase_inputs import PhaseInputs
 from visiontune.training.schedule import build_schedule
@@ -148,8 +150,11 @@ def _resume(run_dir: Path, *, overrides: dict | None, reporter: Reporter | None)
     setup.model.load_state_dict(saved.model)
     setup.optimizer.load_state_dict(saved.optimizer)
     restore_rng_state(saved.rng)
+    if config.ema > 0 and saved.ema is None:
+        raise CheckpointError(f"{run_dir / LAST_CHECKPOINT} has no EMA weights although the run uses --ema "
+                              f"{config.ema}; it was not written whole by 'visiontune train'; start a new run")
     log.info("resuming %s after epoch %d of %d", run_dir, state.epoch, config.epochs)
-    return fit(setup, state, run_dir, reporter or LogReporter(), scaler_state=saved.scaler)
+    return fit(setup, state, run_dir, reporter or LogReporter(), scaler_state=saved.scaler, ema_state=saved.ema)
 
 
 def _enter_phase(setup: TrainingSetup, phase_index: int) -> None:
@@ -160,14 +165,18 @@ def _enter_phase(setup: TrainingSetup, phase_index: int) -> None:
 
 
 def fit(setup: TrainingSetup, state: TrainingState, run_dir: Path, reporter: Reporter, *,
-        scaler_state: dict | None = None) -> TrainResult:
+        scaler_state: dict | None = None, ema_state: dict | None = None) -> TrainResult:
     """Run the remaining epochs of ``state`` (advancing it), then evaluate the best model and write
-    the report. ``scaler_state`` is a resumed run's saved GradScaler state (fp16 only)."""
+    the report. ``scaler_state`` and ``ema_state`` are a resumed run's saved GradScaler state
+    (fp16 only) and weight average (``--ema`` only)."""
     config, model = setup.config, setup.model
     steps_per_epoch = len(setup.train_loader)
     scaler = make_scaler(setup)
     if scaler is not None and scaler_state is not None:
         scaler.load_state_dict(scaler_state)
+    ema = make_weight_average(model, config.ema)
+    if ema is not None and ema_state is not None:
+        ema.load_state_dict(ema_state)
     tensorboard = TensorBoardLog(run_dir)
     # Which model and loaders each epoch uses: a phase that trains only the head on a frozen
     # backbone trains it on features computed once (visiontune.features.extract).
@@ -186,31 +195,41 @@ def fit(setup: TrainingSetup, state: TrainingState, run_dir: Path, reporter: Rep
             schedule = build_schedule(steps_per_epoch, phase.epochs, config.warmup_epochs)
             reporter.start_epoch(epoch + 1, config.epochs, steps_per_epoch, phase.name)
             inputs = phase_inputs.for_epoch(phase_index, epoch)  # also sets the sampler's epoch
+            if ema is not None:
+                ema.follow(inputs.model, setup.anatomy)  # the head alone when it trains on cached features
             stats = train_one_epoch(
                 distributed.ddp_view(inputs.model, setup.device),  # DDP under torchrun, else the model itself
                 inputs.train_loader, setup.optimizer, setup.loss_fn, setup.device,
                 schedule=schedule, first_step=state.step - state.phase_start_step,
                 precision=setup.precision, scaler=scaler, batch_mixer=setup.batch_mixer,
-                grad_clip=config.grad_clip, on_batch=reporter.advance)
+                grad_clip=config.grad_clip, on_batch=reporter.advance, ema=ema)
             distributed.sync_buffers_from_main(model)  # BN statistics: every process evaluates rank 0's model
             evaluation = evaluate(inputs.model, inputs.val_loader, setup.device, setup.classes,
                                   precision=EVAL_PRECISION)
             require_finite(evaluation.metrics["loss"], "validation loss")  # before anything is saved
+            ema_evaluation = _evaluate_average(ema, setup, inputs)
             state.feature_cache.update(phase_inputs.plans)
             row = _metrics_row(epoch + 1, phase.name, stats, evaluation.metrics, evaluation.seconds)
+            if ema_evaluation is not None:
+                row["val_acc_ema"] = ema_evaluation.metrics["accuracy"]
+                row["seconds"] += ema_evaluation.seconds
             state.step += stats.steps
             state.epoch = epoch + 1
-            state.train_seconds += stats.seconds + evaluation.seconds
+            state.train_seconds += row["seconds"]
             state.history.append(row)
-            if evaluation.metrics["accuracy"] > state.best_accuracy:
-                state.best_accuracy, state.best_epoch = evaluation.metrics["accuracy"], epoch + 1
+            # The better of the model and its average this epoch (the model on a tie: it needs no --ema to reproduce).
+            candidate, accuracy, kept = model, evaluation.metrics["accuracy"], "model"
+            if ema_evaluation is not None and ema_evaluation.metrics["accuracy"] > accuracy:
+                candidate, accuracy, kept = ema.model, ema_evaluation.metrics["accuracy"], "ema"
+            if accuracy > state.best_accuracy:
+                state.best_accuracy, state.best_epoch, state.best_weights = accuracy, epoch + 1, kept
                 state.epochs_without_improvement = 0
-                save_best_weights(run_dir, model)
+                save_best_weights(run_dir, candidate)
             else:
                 state.epochs_without_improvement += 1
             stopped_early = 0 < config.patience <= state.epochs_without_improvement
             state.stopped_early = stopped_early
-            _save_state(run_dir, state, setup, scaler)
+            _save_state(run_dir, state, setup, scaler, ema)
             write_metrics_csv(run_dir, state.history)
             tensorboard.add_row(row)
             distributed.barrier()  # the checkpoints are complete before any process reads them
@@ -242,11 +261,25 @@ def make_scaler(setup: TrainingSetup) -> torch.amp.GradScaler | None:
     return torch.amp.GradScaler(setup.device.type) if setup.precision.needs_scaler else None
 
 
-def _save_state(run_dir: Path, state: TrainingState, setup: TrainingSetup, scaler) -> None:
+def _save_state(run_dir: Path, state: TrainingState, setup: TrainingSetup, scaler,
+                ema: WeightAverage | None) -> None:
     resume_point = ResumePoint(config=setup.config.to_dict(), model=setup.model.state_dict(),
                                optimizer=setup.optimizer.state_dict(), rng=capture_rng_state(),
-                               scaler=None if scaler is None else scaler.state_dict())
+                               scaler=None if scaler is None else scaler.state_dict(),
+                               ema=None if ema is None else ema.state_dict())
     save_training_state(run_dir, state.to_checkpoint(resume_point))
+
+
+def _evaluate_average(ema: WeightAverage | None, setup: TrainingSetup, inputs) -> Evaluation | None:
+    """``--ema``: the averaged weights on the epoch's validation inputs (its head on cached
+    features when the epoch trained the head alone), or None without --ema."""
+    if ema is None:
+        return None
+    distributed.sync_buffers_from_main(ema.model)  # averaged BN statistics: rank 0's, as for the model
+    evaluation = evaluate(ema.view_of(inputs.model, setup.anatomy), inputs.val_loader, setup.device,
+                          setup.classes, precision=EVAL_PRECISION)
+    require_finite(evaluation.metrics["loss"], "validation loss of the EMA weights")
+    return evaluation
 
 
 def _metrics_row(epoch: int, phase: str, stats: EpochStats, val: dict, val_seconds: float) -> dict:

@@ -21,6 +21,7 @@ from visiontune.errors import VisiontuneError
 from visiontune.metrics import ClassificationMetrics
 from visiontune.model.freeze import set_train_mode  # the BatchNorm policy lives with freezing; re-exported here
 from visiontune.model.outputs import main_logits
+from visiontune.training.ema import WeightAverage
 from visiontune.training.schedule import Schedule, set_learning_rates
 
 # torchvision's weights for the auxiliary classifiers' losses (GoogLeNet has two, Inception v3 one).
@@ -122,10 +123,13 @@ def train_one_epoch(
     batch_mixer: Callable | None = None,
     grad_clip: float = 0.0,
     on_batch: Callable[[int], None] | None = None,
+    ema: WeightAverage | None = None,
 ) -> EpochStats:
     """Train for one pass over ``loader``; ``first_step`` is the step within the schedule's phase.
 
-    ``on_batch(num_images)`` is called after every optimiser step (for a progress bar)."""
+    ``ema`` (``--ema``) folds the whole model's weights into its average after every optimiser
+    step, also when ``model`` is only the head (cached features). ``on_batch(num_images)`` is
+    called after every optimiser step (for a progress bar)."""
     set_train_mode(model)
     started = time.perf_counter()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -138,6 +142,8 @@ def train_one_epoch(
         lr = optimizer.param_groups[0]["lr"]
         loss, outputs = train_step(model, images, labels, optimizer, loss_fn, precision=precision, scaler=scaler,
                                    batch_mixer=batch_mixer, grad_clip=grad_clip)
+        if ema is not None:
+            ema.update()
         batch = labels.shape[0]
         loss_sum += loss.double() * batch
         correct += (main_logits(outputs).detach().argmax(dim=1) == labels).sum()

@@ -19,6 +19,9 @@ from visiontune.errors import CheckpointError
 # (the schedule is a pure function of the step, so that entry was never read back).
 STATE_FORMAT = 2
 RESUME_HINT = "--resume needs the run folder of a 'visiontune train' run"
+# Entries a format-2 file may lack: no scaler without fp16, no EMA without --ema, and runs written
+# before --ema existed kept the model's own weights (best_weights "model").
+OPTIONAL_ENTRIES = ("scaler", "ema", "best_weights")
 
 
 @dataclass
@@ -32,6 +35,7 @@ class TrainingState:
     phase_start_step: int = 0  # the step at which the current phase began; its schedule counts from here
     best_accuracy: float = -1.0  # best validation top-1 so far, 0..1 (-1: no epoch yet, so any epoch beats it)
     best_epoch: int = 0  # the epoch that reached it (1-based), whose weights are in best.safetensors
+    best_weights: str = "model"  # which weights best.safetensors holds: "model", or "ema" (--ema's average)
     epochs_without_improvement: int = 0  # compared with --patience
     train_seconds: float = 0.0  # training and validation time over all epochs, seconds
     history: list[dict] = field(default_factory=list)  # one metrics.csv row per finished epoch
@@ -41,8 +45,9 @@ class TrainingState:
     def to_checkpoint(self, resume: ResumePoint) -> dict:
         """The dict ``last.ckpt`` holds: this state's fields, ``resume``'s, and the format number."""
         checkpoint = {"format": STATE_FORMAT, **_fields(self), **_fields(resume)}
-        if resume.scaler is None:
-            del checkpoint["scaler"]
+        for name in ("scaler", "ema"):
+            if checkpoint[name] is None:
+                del checkpoint[name]
         return checkpoint
 
     @classmethod
@@ -61,11 +66,11 @@ class TrainingState:
                    f"it cannot be resumed; its weights still load (--weights {path} starts a new run from them, "
                    "and load_run(..., checkpoint='last') reads them)"))
         names = [spec.name for spec in dataclasses.fields(cls)] + [spec.name for spec in dataclasses.fields(ResumePoint)]
-        missing = [name for name in names if name not in checkpoint and name != "scaler"]
+        missing = [name for name in names if name not in checkpoint and name not in OPTIONAL_ENTRIES]
         if missing:
             raise CheckpointError(f"{path} is incomplete (no {', '.join(missing)}); it was not written whole by "
                                   f"'visiontune train'; {RESUME_HINT}")
-        state = cls(**{spec.name: checkpoint[spec.name] for spec in dataclasses.fields(cls)})
+        state = cls(**{spec.name: checkpoint[spec.name] for spec in dataclasses.fields(cls) if spec.name in checkpoint})
         resume = ResumePoint(**{spec.name: checkpoint.get(spec.name) for spec in dataclasses.fields(ResumePoint)})
         return state, resume
 
@@ -79,6 +84,7 @@ class ResumePoint:
     optimizer: dict  # the current phase's optimizer.state_dict()
     rng: dict  # run.folder.capture_rng_state(): torch, CUDA, numpy and Python generators
     scaler: dict | None = None  # GradScaler.state_dict() under fp16, else None (and absent from the file)
+    ema: dict | None = None  # WeightAverage.state_dict() under --ema, else None (and absent from the file)
 
 
 def _fields(instance) -> dict:
