@@ -11,7 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from visiontune.config import add_config_arguments, config_from_args, given_config_values
+from visiontune.config import add_config_arguments, config_from_args, given_config_values, load_config_file
+from visiontune.errors import ConfigError
 
 EPOCH_LINE = "epoch {epoch:>3}/{epochs} {phase:<7} train loss {train_loss:.4f} acc {train_acc:.3f} | " \
              "val loss {val_loss:.4f} acc {val_acc:.3f} | {seconds:.1f}s {images_per_s:.0f} img/s"
@@ -46,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
         if args.resume:
             result = resume(args.resume, overrides=given_config_values(args), reporter=reporter)
         else:
+            refuse_budget_with_epochs(args)
             config = config_from_args(args, args.config_file)
             result = train(config, overwrite=args.overwrite, reporter=reporter)
     except KeyboardInterrupt as interrupt:
@@ -62,6 +64,17 @@ def run(args: argparse.Namespace) -> int:
         print(final_table(result))
     print(f"run folder: {result.run_dir}  (best val accuracy {result.best_accuracy:.4f} at epoch {result.best_epoch})")
     return 0
+
+
+def refuse_budget_with_epochs(args: argparse.Namespace) -> None:
+    """--budget chooses the epochs, so it cannot come with epochs the user set (by flag or in --config)."""
+    given = given_config_values(args)
+    from_file = load_config_file(args.config_file) if args.config_file else {}
+    sources = {name: f"--{name}" if name in given else f"'{name}' in {args.config_file}"
+               for name in ("budget", "epochs") if name in given or name in from_file}
+    if len(sources) == 2 and (given.get("budget", from_file.get("budget")) is not None):
+        raise ConfigError(f"{sources['budget']} chooses the number of epochs itself, so it cannot be combined with "
+                          f"{sources['epochs']}; give one of them")
 
 
 def interrupted_message(run_dir: str | None) -> str:

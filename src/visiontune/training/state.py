@@ -19,6 +19,8 @@ from visiontune.errors import CheckpointError
 # (the schedule is a pure function of the step, so that entry was never read back).
 STATE_FORMAT = 2
 RESUME_HINT = "--resume needs the run folder of a 'visiontune train' run"
+# Fields added to format 2 later, with their value when an older last.ckpt lacks them.
+LATER_FIELDS = {"budget": dict}
 
 
 @dataclass
@@ -37,6 +39,7 @@ class TrainingState:
     history: list[dict] = field(default_factory=list)  # one metrics.csv row per finished epoch
     stopped_early: bool = False  # for the report: patience ran out
     feature_cache: dict = field(default_factory=dict)  # for the report: phase -> how its features were cached
+    budget: dict = field(default_factory=dict)  # --budget: the plan and the time spent (training/budget_plan.py)
 
     def to_checkpoint(self, resume: ResumePoint) -> dict:
         """The dict ``last.ckpt`` holds: this state's fields, ``resume``'s, and the format number."""
@@ -61,11 +64,12 @@ class TrainingState:
                    f"it cannot be resumed; its weights still load (--weights {path} starts a new run from them, "
                    "and load_run(..., checkpoint='last') reads them)"))
         names = [spec.name for spec in dataclasses.fields(cls)] + [spec.name for spec in dataclasses.fields(ResumePoint)]
-        missing = [name for name in names if name not in checkpoint and name != "scaler"]
+        missing = [name for name in names if name not in checkpoint and name != "scaler" and name not in LATER_FIELDS]
         if missing:
             raise CheckpointError(f"{path} is incomplete (no {', '.join(missing)}); it was not written whole by "
                                   f"'visiontune train'; {RESUME_HINT}")
-        state = cls(**{spec.name: checkpoint[spec.name] for spec in dataclasses.fields(cls)})
+        state = cls(**{spec.name: checkpoint[spec.name] if spec.name in checkpoint else LATER_FIELDS[spec.name]()
+                       for spec in dataclasses.fields(cls)})
         resume = ResumePoint(**{spec.name: checkpoint.get(spec.name) for spec in dataclasses.fields(ResumePoint)})
         return state, resume
 
