@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from visiontune.config import add_config_arguments, config_from_args, given_config_values, load_config_file
@@ -35,6 +36,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    started = time.monotonic()  # --budget counts from here: loading torch below is part of the run's time
     from visiontune import distributed
     from visiontune.training.engine import resume, train
 
@@ -45,11 +47,11 @@ def run(args: argparse.Namespace) -> int:
     config = None
     try:
         if args.resume:
-            result = resume(args.resume, overrides=given_config_values(args), reporter=reporter)
+            result = resume(args.resume, overrides=given_config_values(args), reporter=reporter, started=started)
         else:
             refuse_budget_with_epochs(args)
             config = config_from_args(args, args.config_file)
-            result = train(config, overwrite=args.overwrite, reporter=reporter)
+            result = train(config, overwrite=args.overwrite, reporter=reporter, started=started)
     except KeyboardInterrupt as interrupt:
         reporter.close()
         # An interrupt in the epoch loop names the run folder (also the default one train() chose).

@@ -34,6 +34,9 @@ Clock = Callable[[], float]  # seconds; only differences are used
 # allocated) is counted as per-epoch start-up; the median of the others is the step time.
 PROBE_STEPS = 6
 PROBE_VAL_BATCHES = 3  # validation batches timed the same way
+# After the final evaluation the run writes its predictions, plots and report.html: about 1-2 s on
+# a CPU, most of it importing matplotlib. Not measurable before it happens, so an allowance (seconds).
+REPORT_SECONDS = 2.0
 
 
 def plan_budget(setup: TrainingSetup, budget_text: str, budget_seconds: float, clock: Clock,
@@ -51,11 +54,11 @@ def plan_budget(setup: TrainingSetup, budget_text: str, budget_seconds: float, c
     validation_seconds = len(setup.val_loader) * seconds_per_val_batch
     # What each epoch costs besides its steps: validation and starting both loaders' workers.
     eval_seconds = validation_seconds + train_startup + val_startup
+    final_seconds = validation_seconds + REPORT_SECONDS  # evaluating the best model, writing the report
     spent = clock() - started
     min_epochs = config.freeze_epochs + 1 if config.strategy == "gradual" else 1
     choice = choose_epochs(seconds_per_step, steps_per_epoch, eval_seconds, budget_seconds,
-                           fixed_overhead=spent + validation_seconds,  # the final evaluation of the best model
-                           min_epochs=min_epochs)
+                           fixed_overhead=spent + final_seconds, min_epochs=min_epochs)
     record = {
         "budget": budget_text,
         "budget_seconds": budget_seconds,
@@ -64,7 +67,7 @@ def plan_budget(setup: TrainingSetup, budget_text: str, budget_seconds: float, c
         "validation_seconds": validation_seconds,
         "epoch_seconds": choice.epoch_seconds,  # estimated, training and validation
         "setup_seconds": spent,  # before the first epoch: data, model, measuring
-        "final_eval_seconds": validation_seconds,  # estimated
+        "final_seconds": final_seconds,  # estimated: the final evaluation and the report
         "epochs": choice.epochs,
         "predicted_seconds": choice.predicted_seconds,
         "explanation": choice.explanation,
@@ -179,7 +182,7 @@ class BudgetWatch:
         record["spent_seconds"] = spent
         # The next epoch is assumed as slow as the slower of the last one and the plan's estimate.
         next_epoch = max(last_epoch, record["epoch_seconds"])
-        if self.state.epoch >= record["epochs"] or not time_is_up(spent, next_epoch, record["final_eval_seconds"],
+        if self.state.epoch >= record["epochs"] or not time_is_up(spent, next_epoch, record["final_seconds"],
                                                                   record["budget_seconds"]):
             return False
         record["stopped_for_time"] = True

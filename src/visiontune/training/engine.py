@@ -89,19 +89,21 @@ class TrainResult:
 
 
 def train(config: TrainConfig, *, overwrite: bool = False, reporter: Reporter | None = None,
-          clock: Clock = time.monotonic) -> TrainResult:
+          clock: Clock = time.monotonic, started: float | None = None) -> TrainResult:
     """Fine-tune ``config.model`` on ``config.data`` into the run folder ``config.out``
     (default: ``runs/<model>-<timestamp>``, in ``TrainResult.run_dir``). ``config`` itself is left
     as it was: the run works on a resolved copy, which it saves as the run's config.yaml.
-    With ``config.budget`` the run chooses ``epochs`` itself; ``clock`` (seconds) times it.
+    With ``config.budget`` the run chooses ``epochs`` itself; ``clock`` (seconds) times it from
+    ``started`` (a reading of ``clock``; default: now; the CLI's is when the command began).
 
     Under torchrun every process calls this, and they form one process group for the call."""
     with distributed.session():
-        return _train(config, overwrite=overwrite, reporter=reporter, clock=clock)
+        return _train(config, overwrite=overwrite, reporter=reporter, clock=clock,
+                      started=clock() if started is None else started)
 
 
-def _train(config: TrainConfig, *, overwrite: bool, reporter: Reporter | None, clock: Clock) -> TrainResult:
-    started = clock()
+def _train(config: TrainConfig, *, overwrite: bool, reporter: Reporter | None, clock: Clock,
+           started: float) -> TrainResult:
     config = validate(dataclasses.replace(config))  # validate() coerces in place: the caller's object stays
     budget_seconds = parse_budget(config.budget) if config.budget is not None else None
     if config.out is None:
@@ -135,16 +137,17 @@ def _train(config: TrainConfig, *, overwrite: bool, reporter: Reporter | None, c
 
 
 def resume(run_dir: str | Path, *, overrides: dict | None = None, reporter: Reporter | None = None,
-           clock: Clock = time.monotonic) -> TrainResult:
+           clock: Clock = time.monotonic, started: float | None = None) -> TrainResult:
     """Continue ``run_dir`` from ``last.ckpt`` with its saved configuration. A budgeted run keeps
     the epochs chosen at its start and its budget, less the time spent before; ``epochs`` in
     ``overrides`` replaces that choice, and then the budget no longer applies."""
     with distributed.session():
-        return _resume(Path(run_dir), overrides=overrides, reporter=reporter, clock=clock)
+        return _resume(Path(run_dir), overrides=overrides, reporter=reporter, clock=clock,
+                       started=clock() if started is None else started)
 
 
-def _resume(run_dir: Path, *, overrides: dict | None, reporter: Reporter | None, clock: Clock) -> TrainResult:
-    started = clock()
+def _resume(run_dir: Path, *, overrides: dict | None, reporter: Reporter | None, clock: Clock,
+            started: float) -> TrainResult:
     # The main process reads last.ckpt first, so a missing or broken one stops every process alike.
     checkpoint = distributed.main_process_first(load_training_state, run_dir)
     state, saved = TrainingState.from_checkpoint(checkpoint, run_dir / LAST_CHECKPOINT)
