@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
 
 from conftest import make_image_folder
 from visiontune.cli import main
+from visiontune.commands.train import process_started
 from visiontune.config import TrainConfig
 from visiontune.errors import ConfigError
 from visiontune.training.budget import MAX_EPOCHS, TOLERANCE, choose_epochs, parse_budget, time_is_up
@@ -239,3 +241,14 @@ def test_a_wrong_budget_flag_exits_2_with_one_line(data, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert status == 2 and len(err.splitlines()) == 1 and "'3 fortnights'" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_the_train_help_shows_the_budget_flag(capsys):
+    with pytest.raises(SystemExit) as exit_status:
+        main(["train", "--help"])
+    assert exit_status.value.code == 0 and "--budget TIME" in capsys.readouterr().out
+
+
+def test_the_command_counts_from_when_its_process_started():
+    started = process_started()
+    assert started <= time.monotonic()  # this test process started before now, not after

@@ -50,7 +50,7 @@ class TrainConfig:
     epochs: int = field(default=10, metadata=_option("number of epochs in total (all phases)", low=1))
     budget: str | None = field(default=None, metadata=_option(
         "time budget for the whole run (90s, 3m, 1h30m or seconds): times the first steps and chooses --epochs "
-        "to end within it +-10%, stopping early if time runs out; not with --epochs", metavar="TIME"))
+        "to end within it (10 percent either way), stopping early if time runs out; not with --epochs", metavar="TIME"))
     batch_size: int = field(default=32, metadata=_option("images per optimisation step", low=1))
     image_size: int | None = field(default=None, metadata=_option(
         "crop size in pixels (default: the pretrained weights' own)", low=8))
