@@ -34,9 +34,10 @@ Clock = Callable[[], float]  # seconds; only differences are used
 # allocated) is counted as per-epoch start-up; the median of the others is the step time.
 PROBE_STEPS = 6
 PROBE_VAL_BATCHES = 3  # validation batches timed the same way
-# After the final evaluation the run writes its predictions, plots and report.html: about 1-2 s on
-# a CPU, most of it importing matplotlib. Not measurable before it happens, so an allowance (seconds).
-REPORT_SECONDS = 2.0
+# After the final evaluation the run writes its predictions, plots and report.html, and the process
+# exits: 2-4 s measured on a busy 2-core CPU, most of it importing matplotlib. Not measurable before
+# it happens, so an allowance (seconds).
+REPORT_SECONDS = 3.0
 
 
 def plan_budget(setup: TrainingSetup, budget_text: str, budget_seconds: float, clock: Clock,
@@ -176,9 +177,10 @@ class BudgetWatch:
     def epoch_done(self) -> bool:
         """After an epoch: record the time spent; True when the run must stop now."""
         record, now = self.state.budget, self.clock()
-        spent = self.spent_before + (now - self.started)
         last_epoch = now - self.last_mark
         self.last_mark = now
+        # Under torchrun every process must stop after the same epoch: rank 0's clock decides.
+        spent, last_epoch = distributed.broadcast_object((self.spent_before + (now - self.started), last_epoch))
         record["spent_seconds"] = spent
         # The next epoch is assumed as slow as the slower of the last one and the plan's estimate.
         next_epoch = max(last_epoch, record["epoch_seconds"])
