@@ -252,3 +252,13 @@ def test_the_train_help_shows_the_budget_flag(capsys):
 def test_the_command_counts_from_when_its_process_started():
     started = process_started()
     assert started <= time.monotonic()  # this test process started before now, not after
+
+
+def test_the_command_prints_what_the_budget_chose(data, tmp_path, capsys):
+    status = main(["train", "--data", str(data), *[flag for flag in TINY_FLAGS if flag != "--quiet"],
+                   "--strategy", "linear-probe", "--budget", "1s", "--out", str(tmp_path / "run")])
+    captured = capsys.readouterr()
+    assert status == 0
+    # Whatever the (real) clock measured, the plan is printed once with its reason.
+    assert captured.err.count("time budget 1s: ") == 1 and "s per epoch" in captured.err
+    assert "time budget" not in captured.out

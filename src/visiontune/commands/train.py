@@ -8,6 +8,7 @@ a progress bar per epoch when stderr is a terminal, one line per epoch, a final 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -16,6 +17,7 @@ from pathlib import Path
 from visiontune.config import add_config_arguments, config_from_args, given_config_values, load_config_file
 from visiontune.errors import ConfigError
 
+BUDGET_LOGGER = "visiontune.training.budget_plan"
 EPOCH_LINE = "epoch {epoch:>3}/{epochs} {phase:<7} train loss {train_loss:.4f} acc {train_acc:.3f} | " \
              "val loss {val_loss:.4f} acc {val_acc:.3f} | {seconds:.1f}s {images_per_s:.0f} img/s"
 
@@ -45,6 +47,8 @@ def run(args: argparse.Namespace) -> int:
         return distributed.launch_local(args.nproc, relaunch_arguments(args))
     main_process = distributed.is_main_process()  # under torchrun only rank 0 prints
     reporter = ConsoleReporter(quiet=args.quiet or not main_process)
+    if main_process and not args.quiet and not getattr(args, "debug", False):  # --debug shows every log already
+        show_budget_messages()
     config = None
     try:
         if args.resume:
@@ -82,6 +86,26 @@ def process_started() -> float:
         return now
     age = since_boot_now - since_boot_then
     return now - age if 0 <= age < 3600 else now  # an implausible age (a clock oddity): count from now
+
+
+def show_budget_messages() -> None:
+    """--budget's plan (epochs chosen and why) and its hard stop are logged at info level, which the
+    command otherwise keeps quiet: print those lines."""
+    logger = logging.getLogger(BUDGET_LOGGER)
+    if not any(isinstance(handler, _CurrentStderr) for handler in logger.handlers):  # once per process
+        handler = _CurrentStderr()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # the root handler would print them a second time
+
+
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a message comes (it may be replaced after the handler is made)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
 
 
 def refuse_budget_with_epochs(args: argparse.Namespace) -> None:
