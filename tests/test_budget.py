@@ -147,14 +147,18 @@ def test_the_budget_chooses_the_epochs_from_the_measured_steps_and_says_why(data
     assert config.epochs == 10  # the caller's config is left as it was
 
 
-def test_the_timed_steps_leave_no_trace(data, tmp_path):
+@pytest.mark.parametrize("strategy", ["full", "gradual"])
+def test_the_timed_steps_leave_no_trace(data, tmp_path, strategy):
     """A budgeted run trains exactly what the same run with its chosen epochs trains: the probe's
-    steps are undone (weights, BatchNorm statistics, optimizer state, random generators)."""
-    budgeted = train(TrainConfig(data=str(data), strategy="full", budget="25s", out=str(tmp_path / "a"), **TINY),
+    steps are undone (weights, BatchNorm statistics, optimizer state, random generators, and
+    gradual's trainable set, timed in both phases)."""
+    budgeted = train(TrainConfig(data=str(data), strategy=strategy, budget="32s", out=str(tmp_path / "a"), **TINY),
                      clock=FakeClock())
     epochs = budgeted.epochs_completed
-    plain = train(TrainConfig(data=str(data), strategy="full", epochs=epochs, out=str(tmp_path / "b"), **TINY))
-    assert epochs >= 2
+    plain = train(TrainConfig(data=str(data), strategy=strategy, epochs=epochs, out=str(tmp_path / "b"), **TINY))
+    assert epochs >= 3
+    phases = {"full": ["full"], "gradual": ["head", "full"]}[strategy]
+    assert list(_report(budgeted.run_dir)["budget"]["seconds_per_step_by_phase"]) == phases
     for row, same in zip(budgeted.history, plain.history, strict=True):
         for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"):
             # Same process, same threads, same batches: the arithmetic is identical, not just close.

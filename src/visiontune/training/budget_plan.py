@@ -24,7 +24,7 @@ from visiontune.training.budget import choose_epochs, time_is_up
 from visiontune.training.loops import train_step
 from visiontune.training.setup import TrainingSetup
 from visiontune.training.state import TrainingState
-from visiontune.training.strategies import plan_phases
+from visiontune.training.strategies import apply_phase, build_optimizer, plan_phases
 
 log = logging.getLogger(__name__)
 
@@ -49,21 +49,27 @@ def plan_budget(setup: TrainingSetup, budget_text: str, budget_seconds: float, c
     The model, optimizer and random generators are left exactly as they were: the timed steps
     are undone, so a budgeted run trains what the same run with its chosen epochs would."""
     config = setup.config
-    seconds_per_step, train_startup = _time_train_steps(setup, clock)
+    step_times = _time_each_phase(setup, clock)  # [(seconds per step, first step's extra seconds)] per phase
     seconds_per_val_batch, val_startup = _time_val_batches(setup, clock)
     steps_per_epoch = len(setup.train_loader)
     validation_seconds = len(setup.val_loader) * seconds_per_val_batch
     # What each epoch costs besides its steps: validation and starting both loaders' workers.
+    seconds_per_step, train_startup = step_times[-1]  # the last phase's epochs are the ones chosen
     eval_seconds = validation_seconds + train_startup + val_startup
     final_seconds = validation_seconds + REPORT_SECONDS  # evaluating the best model, writing the report
     spent = clock() - started
+    # Earlier phases have a fixed length (gradual: --freeze-epochs of head only): their difference
+    # from the last phase's epochs is a fixed cost (negative when they are faster).
+    earlier = sum(phase.epochs * (step_times[index][0] - seconds_per_step) * steps_per_epoch
+                  for index, phase in enumerate(setup.phases[:-1]))
     min_epochs = config.freeze_epochs + 1 if config.strategy == "gradual" else 1
     choice = choose_epochs(seconds_per_step, steps_per_epoch, eval_seconds, budget_seconds,
-                           fixed_overhead=spent + final_seconds, min_epochs=min_epochs)
+                           fixed_overhead=spent + final_seconds + earlier, min_epochs=min_epochs)
     record = {
         "budget": budget_text,
         "budget_seconds": budget_seconds,
-        "seconds_per_step": seconds_per_step,
+        "seconds_per_step": seconds_per_step,  # in the last phase
+        "seconds_per_step_by_phase": {phase.name: step for phase, (step, _) in zip(setup.phases, step_times)},
         "steps_per_epoch": steps_per_epoch,
         "validation_seconds": validation_seconds,
         "epoch_seconds": choice.epoch_seconds,  # estimated, training and validation
@@ -82,10 +88,25 @@ def plan_budget(setup: TrainingSetup, budget_text: str, budget_seconds: float, c
     return record
 
 
-def _time_train_steps(setup: TrainingSetup, clock: Clock) -> tuple[float, float]:
+def _time_each_phase(setup: TrainingSetup, clock: Clock) -> list[tuple[float, float]]:
+    """:func:`_time_train_steps` in each phase's trainable set (gradual: head only, then all),
+    leaving the model in the first phase with its optimizer, as the run starts."""
+    times = [_time_train_steps(setup, setup.optimizer, clock)]
+    try:
+        for phase in setup.phases[1:]:
+            apply_phase(setup.model, phase, setup.anatomy)
+            times.append(_time_train_steps(setup, build_optimizer(setup.model, phase, setup.config, setup.anatomy),
+                                           clock))
+    finally:
+        if len(setup.phases) > 1:
+            apply_phase(setup.model, setup.phases[0], setup.anatomy)
+    return times
+
+
+def _time_train_steps(setup: TrainingSetup, optimizer: torch.optim.Optimizer, clock: Clock) -> tuple[float, float]:
     """(median seconds per step, extra seconds of the first step) over up to PROBE_STEPS real steps,
     which are then undone: weights, BatchNorm statistics, optimizer state and RNG restored."""
-    model, optimizer = setup.model, setup.optimizer
+    model = setup.model
     saved_model = {name: value.detach().clone() for name, value in model.state_dict().items()}
     saved_optimizer = _clone(optimizer.state_dict())
     saved_rng = capture_rng_state()  # drawing batches seeds the loader and, with no workers, the augmentation
