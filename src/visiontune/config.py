@@ -48,6 +48,9 @@ class TrainConfig:
         "what trains: linear-probe (head only), partial (last --train-groups groups + head), full, gradual "
         "(head for --freeze-epochs, then everything)", choices=STRATEGIES))
     epochs: int = field(default=10, metadata=_option("number of epochs in total (all phases)", low=1))
+    budget: str | None = field(default=None, metadata=_option(
+        "time budget for the whole run (90s, 3m, 1h30m or seconds): times the first steps and chooses --epochs "
+        "to end within it (10 percent either way), stopping early if time runs out; not with --epochs", metavar="TIME"))
     batch_size: int = field(default=32, metadata=_option("images per optimisation step", low=1))
     image_size: int | None = field(default=None, metadata=_option(
         "crop size in pixels (default: the pretrained weights' own)", low=8))

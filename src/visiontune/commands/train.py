@@ -8,11 +8,16 @@ a progress bar per epoch when stderr is a terminal, one line per epoch, a final 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
+import time
 from pathlib import Path
 
-from visiontune.config import add_config_arguments, config_from_args, given_config_values
+from visiontune.config import add_config_arguments, config_from_args, given_config_values, load_config_file
+from visiontune.errors import ConfigError
 
+BUDGET_LOGGER = "visiontune.training.budget_plan"
 EPOCH_LINE = "epoch {epoch:>3}/{epochs} {phase:<7} train loss {train_loss:.4f} acc {train_acc:.3f} | " \
              "val loss {val_loss:.4f} acc {val_acc:.3f} | {seconds:.1f}s {images_per_s:.0f} img/s"
 
@@ -34,6 +39,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    started = process_started()  # --budget counts the whole command: loading Python and torch is part of it
     from visiontune import distributed
     from visiontune.training.engine import resume, train
 
@@ -41,13 +47,16 @@ def run(args: argparse.Namespace) -> int:
         return distributed.launch_local(args.nproc, relaunch_arguments(args))
     main_process = distributed.is_main_process()  # under torchrun only rank 0 prints
     reporter = ConsoleReporter(quiet=args.quiet or not main_process)
+    if main_process and not args.quiet and not getattr(args, "debug", False):  # --debug shows every log already
+        show_budget_messages()
     config = None
     try:
         if args.resume:
-            result = resume(args.resume, overrides=given_config_values(args), reporter=reporter)
+            result = resume(args.resume, overrides=given_config_values(args), reporter=reporter, started=started)
         else:
+            refuse_budget_with_epochs(args)
             config = config_from_args(args, args.config_file)
-            result = train(config, overwrite=args.overwrite, reporter=reporter)
+            result = train(config, overwrite=args.overwrite, reporter=reporter, started=started)
     except KeyboardInterrupt as interrupt:
         reporter.close()
         # An interrupt in the epoch loop names the run folder (also the default one train() chose).
@@ -62,6 +71,52 @@ def run(args: argparse.Namespace) -> int:
         print(final_table(result))
     print(f"run folder: {result.run_dir}  (best val accuracy {result.best_accuracy:.4f} at epoch {result.best_epoch})")
     return 0
+
+
+def process_started() -> float:
+    """When this process started, as a ``time.monotonic()`` reading: from /proc on Linux (seconds
+    since boot, then and now), else now."""
+    now = time.monotonic()
+    try:
+        since_boot_now = float(Path("/proc/uptime").read_text().split()[0])
+        # /proc/self/stat: "pid (name) state ..." and the name may hold spaces, so count after ")"
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        since_boot_then = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22, starttime, in clock ticks
+    except (OSError, ValueError, IndexError, AttributeError):
+        return now
+    age = since_boot_now - since_boot_then
+    return now - age if 0 <= age < 3600 else now  # an implausible age (a clock oddity): count from now
+
+
+def show_budget_messages() -> None:
+    """--budget's plan (epochs chosen and why) and its hard stop are logged at info level, which the
+    command otherwise keeps quiet: print those lines."""
+    logger = logging.getLogger(BUDGET_LOGGER)
+    if not any(isinstance(handler, _CurrentStderr) for handler in logger.handlers):  # once per process
+        handler = _CurrentStderr()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # the root handler would print them a second time
+
+
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a message comes (it may be replaced after the handler is made)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
+def refuse_budget_with_epochs(args: argparse.Namespace) -> None:
+    """--budget chooses the epochs, so it cannot come with epochs the user set (by flag or in --config)."""
+    given = given_config_values(args)
+    from_file = load_config_file(args.config_file) if args.config_file else {}
+    sources = {name: f"--{name}" if name in given else f"'{name}' in {args.config_file}"
+               for name in ("budget", "epochs") if name in given or name in from_file}
+    if len(sources) == 2 and (given.get("budget", from_file.get("budget")) is not None):
+        raise ConfigError(f"{sources['budget']} chooses the number of epochs itself, so it cannot be combined with "
+                          f"{sources['epochs']}; give one of them")
 
 
 def interrupted_message(run_dir: str | None) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -26,6 +27,8 @@ from visiontune.run.folder import (LAST_CHECKPOINT, capture_rng_state, check_run
                                    discard_unfinished_run, load_training_state, prepare_run_dir, restore_rng_state,
                                    save_best_weights, save_training_state, write_metrics_csv, write_run_header)
 from visiontune.training.ema import WeightAverage, make_weight_average
+from visiontune.training.budget import parse_budget
+from visiontune.training.budget_plan import BudgetWatch, Clock, plan_budget
 from visiontune.training.final_artifacts import TensorBoardLog, write_final_artifacts
 from visiontune.training.loops import (EpochStats, Evaluation, NonFiniteLossError, evaluate, require_finite,
                                        train_one_epoch)
@@ -87,18 +90,24 @@ class TrainResult:
     model: torch.nn.Module | None = None
 
 
-def train(config: TrainConfig, *, overwrite: bool = False, reporter: Reporter | None = None) -> TrainResult:
+def train(config: TrainConfig, *, overwrite: bool = False, reporter: Reporter | None = None,
+          clock: Clock = time.monotonic, started: float | None = None) -> TrainResult:
     """Fine-tune ``config.model`` on ``config.data`` into the run folder ``config.out``
     (default: ``runs/<model>-<timestamp>``, in ``TrainResult.run_dir``). ``config`` itself is left
     as it was: the run works on a resolved copy, which it saves as the run's config.yaml.
+    With ``config.budget`` the run chooses ``epochs`` itself; ``clock`` (seconds) times it from
+    ``started`` (a reading of ``clock``; default: now; the CLI's is when the command began).
 
     Under torchrun every process calls this, and they form one process group for the call."""
     with distributed.session():
-        return _train(config, overwrite=overwrite, reporter=reporter)
+        return _train(config, overwrite=overwrite, reporter=reporter, clock=clock,
+                      started=clock() if started is None else started)
 
 
-def _train(config: TrainConfig, *, overwrite: bool, reporter: Reporter | None) -> TrainResult:
+def _train(config: TrainConfig, *, overwrite: bool, reporter: Reporter | None, clock: Clock,
+           started: float) -> TrainResult:
     config = validate(dataclasses.replace(config))  # validate() coerces in place: the caller's object stays
+    budget_seconds = parse_budget(config.budget) if config.budget is not None else None
     if config.out is None:
         config.out = distributed.broadcast_object(str(default_run_dir(config.model)))  # rank 0's timestamp
     # Absolute paths in the saved config, so that --resume works from any directory.
@@ -115,24 +124,32 @@ def _train(config: TrainConfig, *, overwrite: bool, reporter: Reporter | None) -
     setup = build_training(config)
     if auto_lr:
         _apply_lr_finder(setup)
-    distributed.on_main_process(prepare_run_dir, run_dir, overwrite=overwrite)
     state = TrainingState()
+    if budget_seconds is not None:  # chooses setup.config.epochs, so before config.yaml is written
+        state.budget = plan_budget(setup, config.budget, budget_seconds, clock, started)
+    distributed.on_main_process(prepare_run_dir, run_dir, overwrite=overwrite)
     try:
         write_run_header(run_dir, setup.config, setup.classes, setup.preprocessing)
-        return fit(setup, state, run_dir, reporter or LogReporter())
+        budget = BudgetWatch(state, clock, started) if state.budget else None
+        return fit(setup, state, run_dir, reporter or LogReporter(), budget=budget)
     except KeyboardInterrupt:
         if state.epoch == 0:  # nothing worth resuming: leave no half-made folder to block a rerun
             discard_unfinished_run(run_dir)
         raise
 
 
-def resume(run_dir: str | Path, *, overrides: dict | None = None, reporter: Reporter | None = None) -> TrainResult:
-    """Continue ``run_dir`` from ``last.ckpt`` with its saved configuration."""
+def resume(run_dir: str | Path, *, overrides: dict | None = None, reporter: Reporter | None = None,
+           clock: Clock = time.monotonic, started: float | None = None) -> TrainResult:
+    """Continue ``run_dir`` from ``last.ckpt`` with its saved configuration. A budgeted run keeps
+    the epochs chosen at its start and its budget, less the time spent before; ``epochs`` in
+    ``overrides`` replaces that choice, and then the budget no longer applies."""
     with distributed.session():
-        return _resume(Path(run_dir), overrides=overrides, reporter=reporter)
+        return _resume(Path(run_dir), overrides=overrides, reporter=reporter, clock=clock,
+                       started=clock() if started is None else started)
 
 
-def _resume(run_dir: Path, *, overrides: dict | None, reporter: Reporter | None) -> TrainResult:
+def _resume(run_dir: Path, *, overrides: dict | None, reporter: Reporter | None, clock: Clock,
+            started: float) -> TrainResult:
     # The main process reads last.ckpt first, so a missing or broken one stops every process alike.
     checkpoint = distributed.main_process_first(load_training_state, run_dir)
     state, saved = TrainingState.from_checkpoint(checkpoint, run_dir / LAST_CHECKPOINT)
@@ -144,6 +161,9 @@ def _resume(run_dir: Path, *, overrides: dict | None, reporter: Reporter | None)
                           "start a new run to change the others")
     config = config_from_dict({**saved.config, **overrides})
     config.out = str(run_dir)
+    if state.budget and "epochs" in overrides:
+        log.info("--epochs %d replaces the epochs the time budget chose; the budget no longer applies", config.epochs)
+        config.budget, state.budget = None, {**state.budget, "replaced_by_epochs": config.epochs}
     setup = build_training(config)
     if state.phase != 0:
         _enter_phase(setup, state.phase)
@@ -154,7 +174,9 @@ def _resume(run_dir: Path, *, overrides: dict | None, reporter: Reporter | None)
         raise CheckpointError(f"{run_dir / LAST_CHECKPOINT} has no EMA weights although the run uses --ema "
                               f"{config.ema}; it was not written whole by 'visiontune train'; start a new run")
     log.info("resuming %s after epoch %d of %d", run_dir, state.epoch, config.epochs)
-    return fit(setup, state, run_dir, reporter or LogReporter(), scaler_state=saved.scaler, ema_state=saved.ema)
+    budget = BudgetWatch(state, clock, started) if config.budget is not None and state.budget else None
+    return fit(setup, state, run_dir, reporter or LogReporter(), scaler_state=saved.scaler, ema_state=saved.ema,
+               budget=budget)
 
 
 def _enter_phase(setup: TrainingSetup, phase_index: int) -> None:
@@ -165,10 +187,12 @@ def _enter_phase(setup: TrainingSetup, phase_index: int) -> None:
 
 
 def fit(setup: TrainingSetup, state: TrainingState, run_dir: Path, reporter: Reporter, *,
-        scaler_state: dict | None = None, ema_state: dict | None = None) -> TrainResult:
+        scaler_state: dict | None = None, ema_state: dict | None = None,
+        budget: BudgetWatch | None = None) -> TrainResult:
     """Run the remaining epochs of ``state`` (advancing it), then evaluate the best model and write
     the report. ``scaler_state`` and ``ema_state`` are a resumed run's saved GradScaler state
-    (fp16 only) and weight average (``--ema`` only)."""
+    (fp16 only) and weight average (``--ema`` only); ``budget`` stops the loop after an epoch when
+    the next would overrun the time budget."""
     config, model = setup.config, setup.model
     steps_per_epoch = len(setup.train_loader)
     scaler = make_scaler(setup)
@@ -183,8 +207,9 @@ def fit(setup: TrainingSetup, state: TrainingState, run_dir: Path, reporter: Rep
     phase_inputs = PhaseInputs(setup)
     # Recomputed rather than read back, so a resume with a larger --patience can continue.
     stopped_early = 0 < config.patience <= state.epochs_without_improvement
+    out_of_time = budget is not None and budget.start()
     try:
-        while state.epoch < config.epochs and not stopped_early:
+        while state.epoch < config.epochs and not stopped_early and not out_of_time:
             epoch = state.epoch
             phase_index = phase_index_for_epoch(setup.phases, epoch)
             if phase_index != state.phase:
@@ -229,6 +254,7 @@ def fit(setup: TrainingSetup, state: TrainingState, run_dir: Path, reporter: Rep
                 state.epochs_without_improvement += 1
             stopped_early = 0 < config.patience <= state.epochs_without_improvement
             state.stopped_early = stopped_early
+            out_of_time = budget is not None and budget.epoch_done()  # before saving: last.ckpt keeps the time spent
             _save_state(run_dir, state, setup, scaler, ema)
             write_metrics_csv(run_dir, state.history)
             tensorboard.add_row(row)

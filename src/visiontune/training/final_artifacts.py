@@ -114,6 +114,7 @@ def _report(setup: TrainingSetup, state: TrainingState, metrics: dict, eval_seco
         "data": setup.split_info,
         "bad_files": [{"path": path, "reason": reason} for path, reason in setup.bad_files],
         "weights_load_report": setup.load_report,
+        "budget": state.budget or None,  # --budget: measured step time, estimated epoch time, chosen epochs, why
         "feature_cache": state.feature_cache,  # which phases trained the head on cached features, and why
         "param_groups": describe_groups(setup.optimizer),
         "environment": {"device": str(setup.device), "precision": setup.precision.name,

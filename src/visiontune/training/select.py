@@ -38,7 +38,7 @@ from visiontune.model.anatomy import anatomy_of
 from visiontune.model.preprocessing import Preprocessing
 from visiontune.model.registry import parse_name
 from visiontune.run.folder import default_run_dir
-from visiontune.training.durations import parse_duration
+from visiontune.training.budget import parse_budget
 from visiontune.training.setup import build_model, is_weights_file, resolve_run_preprocessing
 from visiontune.training.throughput import measure_training_throughput
 
@@ -119,7 +119,7 @@ def select_backbone(
     if is_weights_file(weights) and len(names) > 1:
         raise ConfigError(f"--weights {shown(weights)} is a file, which fits one architecture, but {len(names)} models "
                           "were given; pass one --models NAME with a file, or --weights DEFAULT / none for several")
-    budget_seconds = None if budget is None else parse_duration(budget)
+    budget_seconds = None if budget is None else parse_budget(budget)
     given = {"data": str(data_dir), "weights": weights, "image_size": image_size, "seed": seed, "device": device,
              "val_split": val_split}
     # The training config's own checks: a bad size, batch or device is refused as train refuses it.

@@ -19,9 +19,9 @@ from visiontune.errors import CheckpointError
 # (the schedule is a pure function of the step, so that entry was never read back).
 STATE_FORMAT = 2
 RESUME_HINT = "--resume needs the run folder of a 'visiontune train' run"
-# Entries a format-2 file may lack: no scaler without fp16, no EMA without --ema, and runs written
-# before --ema existed kept the model's own weights (best_weights "model").
-OPTIONAL_ENTRIES = ("scaler", "ema", "best_weights")
+# Entries a format-2 file may lack: no scaler without fp16, no EMA without --ema, and files written
+# before --ema and --budget existed (best_weights "model", no budget): the field's default then.
+OPTIONAL_ENTRIES = ("scaler", "ema", "best_weights", "budget")
 
 
 @dataclass
@@ -41,6 +41,7 @@ class TrainingState:
     history: list[dict] = field(default_factory=list)  # one metrics.csv row per finished epoch
     stopped_early: bool = False  # for the report: patience ran out
     feature_cache: dict = field(default_factory=dict)  # for the report: phase -> how its features were cached
+    budget: dict = field(default_factory=dict)  # --budget: the plan and the time spent (training/budget_plan.py)
 
     def to_checkpoint(self, resume: ResumePoint) -> dict:
         """The dict ``last.ckpt`` holds: this state's fields, ``resume``'s, and the format number."""
