@@ -16,7 +16,7 @@ from visiontune import memory
 from visiontune.cli import main
 from visiontune.config import TrainConfig
 from visiontune.device import Precision
-from visiontune.errors import ConfigError, ModelError
+from visiontune.errors import ModelError
 from visiontune.features.probe import ProbeResult, accuracy, fit_linear_probe
 from visiontune.model.create import create_model
 from visiontune.training import select as select_module
@@ -180,7 +180,7 @@ def test_select_backbone_is_public_api():
     (["--models", "resnet19,timm:test_resnet"], "did you mean: resnet18"),
     (["--models", " , "], "no model to compare"),
     (["--models", "timm:test_resnet", "--budget", "3 minutes"], "--budget must be a duration"),
-    (["--models", "timm:test_resnet", "--budget", "0"], "more than 0 seconds"),
+    (["--models", "timm:test_resnet", "--budget", "0"], "--budget must be a positive duration"),
     (["--models", "timm:test_resnet", "--image-size", "4"], "image_size"),
 ])
 def test_bad_inputs_are_one_line_errors(data_dir, tmp_path, capsys, flags, words):
