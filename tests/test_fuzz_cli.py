@@ -158,6 +158,10 @@ class Case:
         path itself may change (the user named it); a symlink's target too (the user named that)."""
         path = str(self.out / "fresh" / "thing") if kind == "fresh" else self.paths[kind]
         self.writable += [Path(path), Path(path + ".json")]  # export writes its preprocessing beside FILE
+        missing = Path(path)
+        while not missing.parent.exists() and missing.parent != missing:
+            missing = missing.parent
+        self.writable.append(missing)  # the folders an output needs may be created
         if Path(path).is_symlink():
             self.writable.append(Path(os.path.realpath(path)))
         return path
@@ -246,7 +250,7 @@ def invoke(argv: list[str]) -> Outcome:
     return Outcome(status, out.getvalue(), err.getvalue(), error, [str(w.message)[:200] for w in caught])
 
 
-def run_case(case: Case, argv: list[str], *, writes_run: bool = False, exit_1_ok: bool = False) -> None:
+def run_case(case: Case, argv: list[str], *, writes_run: bool = False, exit_1_ok: bool = False) -> Outcome:
     """Run one case and record its outcome; failures go to ``world.failures`` with a reproduction."""
     world = case.world
     watched = [world.env, world.data, world.template, case.dir]
@@ -272,6 +276,7 @@ def run_case(case: Case, argv: list[str], *, writes_run: bool = False, exit_1_ok
     if os.environ.get("VISIONTUNE_FUZZ_VERBOSE"):  # one line per case, for reading what was tried
         print(f"[{kind}{' FAIL' if problems else ''}] {command} {case.notes}", file=sys.__stderr__)
     shutil.rmtree(case.dir, ignore_errors=True)
+    return outcome
 
 
 def _show(arg: str, case: Case) -> str:
@@ -292,7 +297,10 @@ def _judge(outcome: Outcome, exit_1_ok: bool) -> list[str]:
             problems.append(f"exit 2 with {len(lines)} lines on stderr: {[line[:120] for line in lines[:4]]}")
         elif len(lines[0]) > MAX_ERROR_LINE:
             problems.append(f"exit 2 with a {len(lines[0])}-character line: {lines[0][:120]}...")
-    elif outcome.status not in (0, 130) and not (outcome.status == 1 and exit_1_ok):
+    elif outcome.status == 130:
+        if len(lines) > 1:  # one line saying what was kept and how to go on, not two that disagree
+            problems.append(f"exit 130 with {len(lines)} lines on stderr: {[line[:120] for line in lines[:4]]}")
+    elif outcome.status != 0 and not (outcome.status == 1 and exit_1_ok):
         problems.append(f"exit status {outcome.status}: {lines[-3:]}")
     return problems
 
@@ -679,3 +687,49 @@ def test_fuzz_top_level(world):
 
     case()
     _report(world, before)
+
+
+def _interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("scenario", ["fresh run", "resumed run"])
+def test_fuzz_ctrl_c_before_an_epoch(world, scenario):
+    """Ctrl-C as the first (next) epoch starts: exit 130 with one line, the good checkpoints kept, and
+    the same command run again afterwards works (a half-made folder must not block it)."""
+    from visiontune.commands.train import ConsoleReporter
+
+    before = len(world.failures)
+    c = Case(world)
+    if scenario == "fresh run":
+        argv = ["train", "--data", str(world.data), *TINY_TRAIN, "--out", c.output("fresh")]
+    else:
+        c.copy_run()
+        c.writes_checkpoints = True
+        argv = ["train", "--resume", str(c.run), "--quiet", "--epochs", "2"]
+    saved = ConsoleReporter.start_epoch
+    ConsoleReporter.start_epoch = _interrupt
+    try:
+        outcome = invoke_in(c, argv)
+    finally:
+        ConsoleReporter.start_epoch = saved
+    problems = _judge(outcome, exit_1_ok=False) + _lost_checkpoints(c, trained=c.writes_checkpoints)
+    if outcome.status != 130:
+        problems.append(f"exit {outcome.status} instead of 130")
+    world.outcomes[f"exit {outcome.status}"] += 1
+    if problems:
+        world.failures.append(f"visiontune {' '.join(_show(a, c) for a in argv)}  (Ctrl-C at the epoch's start)\n    "
+                              + "\n    ".join(problems))
+    again = run_case(c, argv, writes_run=True)  # the same command again, not interrupted
+    if again.status != 0:
+        world.failures.append(f"the same command after Ctrl-C: exit {again.status}: {again.stderr.strip()[:200]}")
+    _report(world, before)
+
+
+def invoke_in(case: Case, argv: list[str]) -> Outcome:
+    cwd = os.getcwd()
+    os.chdir(case.work)
+    try:
+        return invoke(argv)
+    finally:
+        os.chdir(cwd)

@@ -209,7 +209,9 @@ def _strategy_from_file(path: Path) -> Strategy:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as error:
-        raise ConfigError(f"Mapping file '{path}' is not valid YAML or JSON ({error}).") from error
+        # YAML's messages run over several lines (a snippet and a caret); the CLI promises one.
+        reason = str(error).splitlines()[0]
+        raise ConfigError(f"Mapping file '{path}' is not valid YAML or JSON ({reason}).") from error
     return _strategy_from_data(data, f"'{path}'")
 
 
