@@ -39,13 +39,15 @@ PATH_CHOICES = ["good_data", "good_data_val", "missing", "a_file", "empty_dir", 
 
 
 def make_paths(case: Path, data: Path, run: Path) -> dict[str, str]:
-    """Every hostile path kind, created inside ``case`` (``data`` and ``run`` are the good ones)."""
+    """Every hostile path kind, created inside ``case`` (``data`` is copied in; ``run`` is the case's
+    good run folder, which may not exist)."""
     from conftest import make_image
 
     victims = case / "victims"
+    shutil.copytree(data, case / "data")  # a case's own copy: --out may name it, and must not spoil the next case
     paths = {
-        "good_data": str(data),
-        "good_data_val": str(data / "val"),
+        "good_data": str(case / "data"),
+        "good_data_val": str(case / "data" / "val"),
         "missing": str(case / "no" / "such" / "place"),
         "a_file": str(victims / "a_file.txt"),
         "empty_dir": str(case / "empty"),
@@ -73,7 +75,7 @@ def make_paths(case: Path, data: Path, run: Path) -> dict[str, str]:
         (folder / "empty.png").write_bytes(b"")
         (folder / "text.jpg").write_text("not an image")
     Path(paths["csv_garbage"]).write_bytes(b"path,label\n\xff\xfe,\x00\n,,,\n\"unterminated\n")
-    image = next((data / "val" / "red").iterdir())
+    image = next((case / "data" / "val" / "red").iterdir())
     Path(paths["csv_dupes"]).write_text(f"path,label\n{image},red\n{image},green\n{image},red\n")
     make_image(case / "one_class" / "red" / "r.png", (220, 30, 30))
     return paths

@@ -365,7 +365,7 @@ def flag_values(flag: str, extra: list[str] = ()) -> st.SearchStrategy[str]:
 
 
 TRAIN_VALUE_FLAGS = {
-    "--epochs": ["1", "2"], "--batch-size": ["1", "2", "100000"], "--image-size": ["8", "7", "100000", "10**9"],
+    "--epochs": ["1", "2"], "--batch-size": ["1", "2", "100000"], "--image-size": ["8", "7", "100000", "1000000000"],
     "--lr": ["auto", "1e-3", "1e30"], "--head-lr": ["1e-3"], "--momentum": ["1", "0.99"], "--weight-decay": ["1e9"],
     "--warmup-epochs": ["1e9"], "--grad-clip": ["1e-30"], "--label-smoothing": ["1", "0.999"],
     "--mixup": ["1e-9", "1e9"], "--cutmix": ["1e9"], "--train-groups": ["1000000"], "--layer-decay": ["1", "1e-9"],
@@ -733,3 +733,71 @@ def invoke_in(case: Case, argv: list[str]) -> Outcome:
         return invoke(argv)
     finally:
         os.chdir(cwd)
+
+
+def test_in_process_capture_sees_what_a_real_process_prints(world):
+    """The harness runs main() in-process; a real ``python -m visiontune`` (its own logging setup,
+    its own stderr) must give the same status and the same stderr for a case."""
+    import subprocess
+
+    c = Case(world)
+    argv = ["inspect", c.checkpoint("truncated_safetensors")]
+    in_process = invoke_in(c, argv)
+    real = subprocess.run([sys.executable, "-m", "visiontune", *argv], capture_output=True, text=True, timeout=300,
+                          cwd=c.work, env=dict(os.environ), check=False)
+    assert (real.returncode, real.stderr) == (in_process.status, in_process.stderr)
+    assert real.returncode == 2 and len(real.stderr.splitlines()) == 1
+
+
+# -- sweeps: every item of a corpus list at least once (hypothesis above samples combinations) -------
+
+SWEEP_COMMANDS = ["evaluate", "predict --checkpoint last", "report", "export", "train --resume"]
+
+
+def _sweep_argv(command: str, c: Case) -> tuple[list[str], bool]:
+    run, data = str(c.run), str(c.world.data / "val")
+    return {
+        "evaluate": (["evaluate", "--run", run, "--data", data, "--device", "cpu"], False),
+        "predict --checkpoint last": (["predict", "--run", run, data, "--checkpoint", "last", "--device", "cpu"], False),
+        "report": (["report", "--run", run], True),
+        "export": (["export", "--run", run, "--format", "torchscript"], True),
+        "train --resume": (["train", "--resume", run, "--quiet", "--epochs", "2"], True),
+    }[command]
+
+
+def test_fuzz_every_run_damage(world):
+    """Each damaged run folder of the corpus once, through one of the commands that read a run (in
+    turn); with --fuzz-long through all of them."""
+    before = len(world.failures)
+    for index, damage in enumerate(corpus.RUN_DAMAGE):
+        commands = SWEEP_COMMANDS if world.long else [SWEEP_COMMANDS[index % len(SWEEP_COMMANDS)]]
+        for command in commands:
+            c = Case(world)
+            c.copy_run(damage)
+            argv, writes_run = _sweep_argv(command, c)
+            c.writes_checkpoints = command == "train --resume"
+            run_case(c, argv, writes_run=writes_run)
+    _report(world, before)
+
+
+def test_fuzz_every_config_file(world):
+    """Each config file of the corpus as ``train --config`` (flags it sets itself are left off)."""
+    before = len(world.failures)
+    for kind, content in corpus.CONFIG_FILES.items():
+        c = Case(world)
+        epochs = [] if b"epochs" in content else ["--epochs", "1"]
+        argv = ["train", "--config", c.config(kind), "--data", str(world.data), "--model", "timm:test_resnet",
+                "--weights", "none", "--image-size", "32", "--workers", "0", "--device", "cpu", "--quiet", *epochs,
+                "--out", c.output("fresh")]
+        run_case(c, argv)
+    _report(world, before)
+
+
+def test_fuzz_every_rules_file(world):
+    """Each ``convert --match FILE`` rules file of the corpus."""
+    before = len(world.failures)
+    for kind in corpus.RULES_FILES:
+        c = Case(world)
+        run_case(c, ["convert", c.checkpoint("good_safetensors"), "--model", "timm:test_resnet", "--match",
+                     c.config(kind, corpus.RULES_FILES), "--out", str(c.out / "converted.safetensors")])
+    _report(world, before)

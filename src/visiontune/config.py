@@ -256,6 +256,8 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         values = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"config file {path} is not valid YAML: {str(error).splitlines()[0]}") from None
+    except RecursionError:  # PyYAML's parser recurses once per nesting level ("[[[[...")
+        raise ConfigError(f"config file {path} is nested too deeply to be a config") from None
     if not isinstance(values, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys to values, got {type(values).__name__}")
     return values

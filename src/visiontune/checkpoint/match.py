@@ -212,6 +212,8 @@ def _strategy_from_file(path: Path) -> Strategy:
         # YAML's messages run over several lines (a snippet and a caret); the CLI promises one.
         reason = str(error).splitlines()[0]
         raise ConfigError(f"Mapping file '{path}' is not valid YAML or JSON ({reason}).") from error
+    except RecursionError:  # PyYAML's parser recurses once per nesting level ("[[[[...")
+        raise ConfigError(f"Mapping file '{path}' is nested too deeply to be a mapping or rules.") from None
     return _strategy_from_data(data, f"'{path}'")
 
 
