@@ -260,6 +260,12 @@ RUN_FILE_NAMES = ["config.yaml", "classes.json", "preprocessing.json", "metrics.
 # Damage that fits any file.
 GENERIC_DAMAGE = ["missing", "empty", "truncated", "garbage_bytes", "non_utf8", "symlink_to_victim",
                   "symlink_to_victim_dir", "dangling_symlink", "symlink_loop", "a_directory", "swapped"]
+def _preprocessing(**changes) -> bytes:
+    """The preprocessing.json of a 32-px run with ``changes`` (json writes NaN as the bare word NaN)."""
+    values = {"crop_size": 32, "resize_size": 34, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear"}
+    return json.dumps({**values, **changes}).encode()
+
+
 # Damage that only makes sense for one file: (file, damage) -> content.
 SPECIFIC_DAMAGE: dict[tuple[str, str], bytes] = {
     ("classes.json", "a_dict"): b'{"red": 0, "green": 1}',
@@ -270,11 +276,14 @@ SPECIFIC_DAMAGE: dict[tuple[str, str], bytes] = {
     ("classes.json", "empty_list"): b"[]",
     ("classes.json", "newline_names"): b'["re\\nd", "gr/../een"]',
     ("classes.json", "nan"): b"NaN",
-    ("preprocessing.json", "size_zero"): b'{"image_size": 0, "resize_size": 0, "mean": [0,0,0], "std": [1,1,1]}',
-    ("preprocessing.json", "size_huge"): b'{"image_size": 100000000, "mean": [0,0,0], "std": [1,1,1]}',
-    ("preprocessing.json", "std_zero"): b'{"image_size": 32, "mean": [0,0,0], "std": [0,0,0]}',
-    ("preprocessing.json", "nan_mean"): b'{"image_size": 32, "mean": [NaN, 0, 0], "std": [1,1,1]}',
-    ("preprocessing.json", "strings"): b'{"image_size": "big", "mean": "red", "std": null}',
+    ("preprocessing.json", "size_zero"): _preprocessing(crop_size=0, resize_size=0),
+    ("preprocessing.json", "size_negative"): _preprocessing(crop_size=-32),
+    ("preprocessing.json", "size_huge"): _preprocessing(crop_size=100000000, resize_size=100000000),
+    ("preprocessing.json", "std_zero"): _preprocessing(std=[0, 0, 0]),
+    ("preprocessing.json", "nan_mean"): _preprocessing(mean=[float("nan"), 0, 0]),
+    ("preprocessing.json", "two_channels"): _preprocessing(mean=[0.5, 0.5], std=[0.5, 0.5]),
+    ("preprocessing.json", "unknown_interpolation"): _preprocessing(interpolation="lanczos9"),
+    ("preprocessing.json", "strings"): _preprocessing(crop_size="big", mean="red", std=None),
     ("preprocessing.json", "a_list"): b"[1, 2, 3]",
     ("metrics.csv", "wrong_columns"): b"a,b\n1,2\n",
     ("metrics.csv", "non_numbers"): b"epoch,phase,lr,train_loss,train_acc,val_loss,val_acc\nx,y,z,nan,inf,-,\n",
