@@ -762,20 +762,26 @@ def _sweep_argv(command: str, c: Case) -> tuple[list[str], bool]:
         "report": (["report", "--run", run], True),
         "export": (["export", "--run", run, "--format", "torchscript"], True),
         "train --resume": (["train", "--resume", run, "--quiet", "--epochs", "2"], True),
+        "train --resume (finished)": (["train", "--resume", run, "--quiet"], True),
     }[command]
 
 
 def test_fuzz_every_run_damage(world):
     """Each damaged run folder of the corpus once, through one of the commands that read a run (in
-    turn); with --fuzz-long through all of them."""
+    turn), a damaged checkpoint also through ``train --resume`` (it reads both); with --fuzz-long
+    every damage through all of them."""
     before = len(world.failures)
     for index, damage in enumerate(corpus.RUN_DAMAGE):
         commands = SWEEP_COMMANDS if world.long else [SWEEP_COMMANDS[index % len(SWEEP_COMMANDS)]]
+        if damage[0] == "last.ckpt" and "train --resume" not in commands:
+            commands.append("train --resume")
+        if damage[0] == "best.safetensors":  # a finished run resumed reads best.safetensors for its report
+            commands.append("train --resume (finished)")
         for command in commands:
             c = Case(world)
             c.copy_run(damage)
             argv, writes_run = _sweep_argv(command, c)
-            c.writes_checkpoints = command == "train --resume"
+            c.writes_checkpoints = command.startswith("train --resume")
             run_case(c, argv, writes_run=writes_run)
     _report(world, before)
 
