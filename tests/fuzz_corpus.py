@@ -84,11 +84,11 @@ def make_paths(case: Path, data: Path, run: Path) -> dict[str, str]:
 # -- config files (train/lr-find --config, run/config.yaml, convert --match rules) ----------------
 
 def _alias_bomb(levels: int) -> bytes:
-    """Each level is a list of ten references to the previous: 10**levels strings from a few hundred bytes."""
-    lines = ['a0: &a0 "xxxxxxxxxx"']
+    """Under ``data:``, each level a list of ten references to the previous one: 10**levels strings
+    from a few hundred bytes (issue 11 item 2 used seven levels; five keep a failing case cheap)."""
+    lines = ["data:", '- &a0 "xxxxxxxxxx"']
     for level in range(1, levels + 1):
-        lines.append(f"a{level}: &a{level} [" + ", ".join([f"*a{level - 1}"] * 10) + "]")
-    lines.append(f"data: *a{levels}")
+        lines.append(f"- &a{level} [" + ", ".join([f"*a{level - 1}"] * 10) + "]")
     return ("\n".join(lines) + "\n").encode()
 
 
