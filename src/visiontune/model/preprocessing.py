@@ -43,15 +43,15 @@ class Preprocessing:
                 interpolation=str(values.get("interpolation", "bilinear")),
             )
         except (KeyError, TypeError, ValueError, OverflowError) as error:
-            raise ConfigError(f"preprocessing {str(values)[:200]} is not valid ({error!r}); expected keys "
-                              f"crop_size, resize_size, mean, std, interpolation") from None
+            raise ConfigError(f"preprocessing.json values {str(values)[:200]} are not valid ({error!r}); expected "
+                              "keys crop_size, resize_size, mean, std, interpolation") from None
         sizes_ok = preprocessing.crop_size > 0 and preprocessing.resize_size > 0
-        channels_ok = len(preprocessing.mean) == len(preprocessing.std) == 3
+        channels_ok = len(preprocessing.mean) == len(preprocessing.std) in (1, 3)  # grey or RGB
         numbers_ok = all(math.isfinite(v) for v in preprocessing.mean + preprocessing.std) and \
             all(v > 0 for v in preprocessing.std)
         if not (sizes_ok and channels_ok and numbers_ok):
-            raise ConfigError(f"preprocessing {str(values)[:200]} is not valid: need positive crop_size and resize_size "
-                              "and three finite mean values and three positive std values (RGB)")
+            raise ConfigError(f"preprocessing.json values {str(values)[:200]} are not valid: need positive crop_size "
+                              "and resize_size, finite mean values and positive std values, three (RGB) or one each")
         return preprocessing
 
     def with_image_size(self, image_size: int) -> "Preprocessing":
