@@ -261,18 +261,23 @@ def invoke(argv: list[str]) -> Outcome:
     return Outcome(status, out.getvalue(), err.getvalue(), error, [str(w.message)[:200] for w in caught])
 
 
+def invoke_in(case: Case, argv: list[str]) -> Outcome:
+    """:func:`invoke` with the case's ``work/`` as the working directory (default outputs land there)."""
+    cwd = os.getcwd()
+    os.chdir(case.work)
+    try:
+        return invoke(argv)
+    finally:
+        os.chdir(cwd)
+
+
 def run_case(case: Case, argv: list[str], *, writes_run: bool = False, exit_1_ok: bool = False) -> Outcome:
     """Run one case and record its outcome; failures go to ``world.failures`` with a reproduction."""
     world = case.world
     watched = [world.env, world.data, world.template, case.dir]
     skip = list(case.writable) + ([case.run] if writes_run else [])
     before = _snapshot(watched, skip)
-    cwd = os.getcwd()
-    os.chdir(case.work)
-    try:
-        outcome = invoke(argv)
-    finally:
-        os.chdir(cwd)
+    outcome = invoke_in(case, argv)
     problems = _judge(outcome, exit_1_ok)
     after = _snapshot(watched, skip)
     changed = sorted(p for p in set(before) | set(after) if before.get(p) != after.get(p))
@@ -737,15 +742,6 @@ def test_fuzz_ctrl_c_before_an_epoch(world, scenario):
     if again.status != 0:
         world.failures.append(f"the same command after Ctrl-C: exit {again.status}: {again.stderr.strip()[:200]}")
     _report(world, before)
-
-
-def invoke_in(case: Case, argv: list[str]) -> Outcome:
-    cwd = os.getcwd()
-    os.chdir(case.work)
-    try:
-        return invoke(argv)
-    finally:
-        os.chdir(cwd)
 
 
 def test_in_process_capture_sees_what_a_real_process_prints(world):
