@@ -56,3 +56,8 @@ def make_image_folder(
 def image_folder(tmp_path: Path) -> Path:
     """A train/val image folder with three colour classes, 8 train and 3 val images each, 32 px."""
     return make_image_folder(tmp_path / "data")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--fuzz-long", action="store_true", default=False,
+                     help="tests/test_fuzz_cli.py: run ten times as many hostile cases per sub-command")

@@ -76,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
+        # The help goes to stdout; the error, like every usage error, is one line on stderr.
+        print("visiontune: error: a COMMAND is required (see 'visiontune --help')", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(message)s")
     try:

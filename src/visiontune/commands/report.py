@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from visiontune.errors import ConfigError
 
 from visiontune.commands.common import add_run_folder_argument
 
@@ -28,6 +31,18 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_wrong < 0:
         raise ConfigError(f"--max-wrong must be 0 or more, got {args.max_wrong}")
+    if args.out is not None:
+        _prepare_out(Path(args.out))
     path = write_report(args.run, out=args.out, max_wrong=args.max_wrong)
     print(f"wrote {path}")
     return 0
+
+
+def _prepare_out(out: Path) -> None:
+    """--out names a file: refuse a folder, create missing parent folders (as export and convert do)."""
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder; give a file name such as {out / 'report.html'}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"--out {out}: cannot create its folder {out.parent} ({error.strerror})") from None

@@ -99,6 +99,9 @@ def _existing_path(data: str | Path) -> Path:
     path = Path(data).expanduser().absolute()
     if not path.exists():
         raise DataError(f"data path {path} does not exist; give a folder of class sub-folders or a CSV manifest")
+    if not (path.is_dir() or path.is_file()):  # a device, FIFO or socket: reading it would hang or fail
+        raise DataError(f"data path {path} is neither a folder nor a file; give a folder of class sub-folders "
+                        "or a CSV manifest")
     return path
 
 

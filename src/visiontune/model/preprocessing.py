@@ -7,7 +7,10 @@ transforms, written into every run folder, and shipped next to exported models.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
+
+from visiontune.errors import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -29,13 +32,27 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, values: dict) -> "Preprocessing":
-        return cls(
-            crop_size=int(values["crop_size"]),
-            resize_size=int(values["resize_size"]),
-            mean=tuple(float(v) for v in values["mean"]),
-            std=tuple(float(v) for v in values["std"]),
-            interpolation=str(values.get("interpolation", "bilinear")),
-        )
+        """Read back :meth:`to_dict`; a damaged or hand-edited file (a missing key, size 0, zero std,
+        NaN, two channels) is a ConfigError here, not a crash or silent NaN outputs later."""
+        try:
+            preprocessing = cls(
+                crop_size=int(values["crop_size"]),
+                resize_size=int(values["resize_size"]),
+                mean=tuple(float(v) for v in values["mean"]),
+                std=tuple(float(v) for v in values["std"]),
+                interpolation=str(values.get("interpolation", "bilinear")),
+            )
+        except (KeyError, TypeError, ValueError, OverflowError) as error:
+            raise ConfigError(f"preprocessing.json values {str(values)[:200]} are not valid ({error!r}); expected "
+                              "keys crop_size, resize_size, mean, std, interpolation") from None
+        sizes_ok = preprocessing.crop_size > 0 and preprocessing.resize_size > 0
+        channels_ok = len(preprocessing.mean) == len(preprocessing.std) in (1, 3)  # grey or RGB
+        numbers_ok = all(math.isfinite(v) for v in preprocessing.mean + preprocessing.std) and \
+            all(v > 0 for v in preprocessing.std)
+        if not (sizes_ok and channels_ok and numbers_ok):
+            raise ConfigError(f"preprocessing.json values {str(values)[:200]} are not valid: need positive crop_size "
+                              "and resize_size, finite mean values and positive std values, three (RGB) or one each")
+        return preprocessing
 
     def with_image_size(self, image_size: int) -> "Preprocessing":
         """Same normalisation at another crop size, keeping the weights' resize/crop ratio."""
