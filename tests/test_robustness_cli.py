@@ -82,3 +82,29 @@ def test_the_real_process_prints_one_line_and_exits_2(tmp_path):
                            check=False)
     assert plain.returncode == 2 and len(plain.stderr.strip().splitlines()) == 1
     assert "Traceback" not in plain.stderr and "epochs" in plain.stderr
+
+
+def test_a_huge_value_in_a_usage_error_is_cut(capsys):
+    # argparse quotes the bad value whole; a pasted 5,000-character value must not become the message
+    with pytest.raises(SystemExit) as stopped:
+        main(["train", "--nproc", "a" * 5000])
+    error = capsys.readouterr().err
+    assert stopped.value.code == 2 and len(error.strip().splitlines()) == 1
+    assert "--nproc" in error and len(error) < 400
+
+
+def test_an_allocation_the_machine_cannot_make_is_one_line(monkeypatch, capsys):
+    # torch's CPU allocator reports a request larger than the machine as a RuntimeError
+    refusal = RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                           "memory: you tried to allocate 384000000000 bytes. Error code 12 (Cannot allocate memory)")
+
+    def huge_request(args):
+        raise refusal
+
+    monkeypatch.setattr("visiontune.commands.models.run", huge_request)
+    assert main(["models"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "357.6 GiB" in error and "--num-classes" in error
+    monkeypatch.setattr("visiontune.commands.models.run", lambda args: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):  # other RuntimeErrors stay visible as the bugs they are
+        main(["models"])

@@ -13,9 +13,10 @@ import errno
 import importlib
 import logging
 import os
+import re
 import sys
 
-from visiontune.errors import VisiontuneError, shown
+from visiontune.errors import SHOWN_CHARACTERS, VisiontuneError, shown
 
 # Order is the order shown by --help.
 COMMAND_MODULES = (
@@ -45,6 +46,8 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str):  # noqa: D401 - argparse API
+        # argparse quotes the offending value whole ("invalid int value: '<5,000 characters>'"); cut it.
+        message = re.sub(r"'([^']{%d,})'" % (SHOWN_CHARACTERS + 1), lambda match: shown(match.group(1)), message)
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
@@ -100,6 +103,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"visiontune {args.command}: error: {describe_os_error(error)}", file=sys.stderr)
         return 2
+    except (MemoryError, RuntimeError) as error:
+        # A request larger than the machine (a billion classes, a giant image) fails in torch's
+        # allocator; say so in one line. Any other RuntimeError is a bug and keeps its traceback.
+        if args.debug or not is_allocation_failure(error):
+            raise
+        print(f"visiontune {args.command}: error: {describe_allocation_failure(error)}", file=sys.stderr)
+        return 2
 
 
 # What the file system says about a user's paths and disk, rather than about visiontune: a
@@ -116,6 +126,17 @@ _USER_ERRNOS = {
     errno.EDQUOT: "the disk quota is used up; free some space or write elsewhere",
     errno.EFBIG: "the file grew past the size the system allows (ulimit -f)",
 }
+
+
+def is_allocation_failure(error: BaseException) -> bool:
+    return isinstance(error, MemoryError) or "can't allocate memory" in str(error)
+
+
+def describe_allocation_failure(error: BaseException) -> str:
+    asked = re.search(r"allocate (\d+) bytes", str(error))
+    size = f" ({int(asked.group(1)) / 2**30:.1f} GiB in one piece)" if asked else ""
+    return (f"not enough memory for this request{size}; choose a smaller --num-classes, --image-size or "
+            "--batch-size")
 
 
 def describe_os_error(error: OSError) -> str:
