@@ -11,8 +11,9 @@ check and train the normal way.
 
 With a random training transform one copy per image would freeze the augmentation, so K augmented
 copies are cached (epoch ``e`` trains on copy ``e % K``): the caller asks for ``views=K``, or passes
-``choose_views`` and :func:`visiontune.features.views.choose_cache_views` picks K from the phase's epochs and the memory
-budget. :func:`plan_feature_cache` decides and says why, in words for the log.
+``choose_views`` (usually :func:`visiontune.features.views.choose_cache_views`, which picks K from
+the phase's epochs and the memory budget). :func:`plan_feature_cache` decides and says why, in
+words for the log.
 
 Where: in memory when the features fit the RAM budget, otherwise (or with ``store="disk"``) in
 ``$VISIONTUNE_CACHE`` (default ``~/.cache/visiontune``) under a key that hashes the model name, its

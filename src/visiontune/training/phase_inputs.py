@@ -137,14 +137,15 @@ class PhaseInputs:
 
     def _choose_views(self, phase) -> tuple[int, str]:
         """K for ``phase``: its epochs against what the memory budget has left, after the
-        validation features (one copy, cached after the training views) are set aside."""
+        validation features (one copy, cached after the training views) are set aside. Under
+        torchrun every process takes rank 0's K: their budgets differ, their views must not."""
         setup = self.setup
         train_images = _image_dataset(setup.train_loader)
         per_image = feature_bytes_per_image(setup.model, train_images, device=setup.device, anatomy=setup.anatomy)
         val_bytes = per_image * len(setup.val_loader.dataset)
-        views, why = choose_cache_views(phase.epochs, bytes_per_view=per_image * len(train_images),
-                                        free_bytes=max(0, setup.memory_budget.free_bytes - val_bytes))
-        return views, why
+        chosen = choose_cache_views(phase.epochs, bytes_per_view=per_image * len(train_images),
+                                    free_bytes=max(0, setup.memory_budget.free_bytes - val_bytes))
+        return distributed.broadcast_object(chosen)
 
     def _cached_inputs(self, plan: CachePlan) -> EpochInputs:
         setup = self.setup
