@@ -104,8 +104,9 @@ class TrainConfig:
         "when only the head trains on a frozen backbone, run the backbone once per image and train the head on "
         "its features (auto: in memory if they fit, else on disk in $VISIONTUNE_CACHE)",
         choices=("auto", "memory", "disk", "off")))
-    cache_views: int = field(default=0, metadata=_option(
-        "feature cache with random augmentation: augmented views to cache per image (0: train uncached)", low=0))
+    cache_views: int | None = field(default=None, metadata=_option(
+        "feature cache with random augmentation: augmented views to cache per image (default: chosen from the "
+        "frozen phase's epochs and the memory budget; 0: train uncached)", low=0))
     compile: bool = field(default=False, metadata=_option("torch.compile the model (slow to start; opt-in)"))
     out: str | None = field(default=None, metadata=_option(
         "run folder to create (default: runs/<model>-<timestamp>)", metavar="RUN"))

@@ -9,9 +9,11 @@ checked once: ``head(features)`` must reproduce ``model(images)``. Models whose 
 more operations after the head (squeezenet's ReLU and pooling after its conv classifier) fail that
 check and train the normal way.
 
-With a random training transform one copy per image would freeze the augmentation, so the caller
-either asks for ``views=K`` (K augmented copies per image, epoch ``e`` trains on copy ``e % K``) or
-trains uncached. :func:`plan_feature_cache` decides and says why, in words for the log.
+With a random training transform one copy per image would freeze the augmentation, so K augmented
+copies are cached (epoch ``e`` trains on copy ``e % K``): the caller asks for ``views=K``, or passes
+``choose_views`` (usually :func:`visiontune.features.views.choose_cache_views`, which picks K from
+the phase's epochs and the memory budget). :func:`plan_feature_cache` decides and says why, in
+words for the log.
 
 Where: in memory when the features fit the RAM budget, otherwise (or with ``store="disk"``) in
 ``$VISIONTUNE_CACHE`` (default ``~/.cache/visiontune``) under a key that hashes the model name, its
@@ -85,6 +87,7 @@ def plan_feature_cache(
     batch_mixing: bool = False,
     set_train_mode: Callable[[nn.Module], None] = loop_train_mode,
     anatomy: Anatomy | None = None,
+    choose_views: Callable[[], tuple[int, str]] | None = None,
 ) -> CachePlan:
     """Can the head train on cached features? Call after freezing for the phase.
 
@@ -94,7 +97,9 @@ def plan_feature_cache(
     features, so they rule the cache out); ``set_train_mode``: how the training loop puts the model
     in training mode (default :func:`visiontune.model.freeze.set_train_mode`, which keeps frozen
     BatchNorm in eval mode), to see which layers would behave differently while training;
-    ``anatomy``: the model's, when the caller has it."""
+    ``anatomy``: the model's, when the caller has it; ``choose_views``: with ``views=0`` and a
+    random transform, called (only then: it may run the model) for ``(K, why)``, usually
+    :func:`visiontune.features.views.choose_cache_views` over the phase's epochs and the memory budget."""
     anatomy = anatomy or anatomy_of(model)
     head_name, head = anatomy.head, anatomy.head_module(model)
     head_params = {id(p) for p in head.parameters()}
@@ -113,8 +118,11 @@ def plan_feature_cache(
         return CachePlan("features", 1, "only the head trains and the training transform is deterministic" + note)
     if views > 0:
         return CachePlan("views", views, f"only the head trains; caching {views} augmented view(s) per image" + note)
-    return _off("the training transform is random; set cache_views=K to cache K augmented views per image, "
-                "or augment='none'")
+    if choose_views is not None:
+        views, why = choose_views()
+        return CachePlan("views", views, f"only the head trains; {why}" + note)
+    return _off("the training transform is random and cache_views is 0 (train uncached); cache_views=K caches "
+                "K augmented views per image, leaving it unset chooses K, augment='none' caches one copy")
 
 
 def _backbone_batchnorm_in_training(model: nn.Module, head: nn.Module, set_train_mode) -> str | None:

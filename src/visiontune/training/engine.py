@@ -204,7 +204,7 @@ def fit(setup: TrainingSetup, state: TrainingState, run_dir: Path, reporter: Rep
     tensorboard = TensorBoardLog(run_dir)
     # Which model and loaders each epoch uses: a phase that trains only the head on a frozen
     # backbone trains it on features computed once (visiontune.features.extract).
-    phase_inputs = PhaseInputs(setup)
+    phase_inputs = PhaseInputs(setup, earlier_plans=state.feature_cache)  # a resume keeps its K views
     # Recomputed rather than read back, so a resume with a larger --patience can continue.
     stopped_early = 0 < config.patience <= state.epochs_without_improvement
     out_of_time = budget is not None and budget.start()

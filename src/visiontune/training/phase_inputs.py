@@ -7,10 +7,17 @@ the phase starts; otherwise it is the whole model and the setup's own loaders. T
 model's own module, so the optimizer, the best-weights file and the checkpoint are unchanged, and
 the cached loaders visit the images in the same seeded order as the image loaders. The head, the
 cache plan and the cache key all come from the set-up's :class:`~visiontune.model.anatomy.Anatomy`.
+
+With a random training transform and ``cache_views`` unset, K augmented views are chosen per phase
+(:func:`~visiontune.features.views.choose_cache_views`: from the phase's epochs and what is left
+of the run's memory budget) and recorded in the plan. A resumed run reuses the K its checkpoint
+recorded rather than choosing again, because epoch ``e`` trains on view ``e % K``: a different
+K (the free RAM differs between the two starts) would feed the resumed epochs other features.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -28,6 +35,7 @@ from visiontune.features.extract import (
     feature_cache_key,
     plan_feature_cache,
 )
+from visiontune.features.views import choose_cache_views, feature_bytes_per_image
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +70,11 @@ class _EpochView(torch.utils.data.Dataset):
 class PhaseInputs:
     """Per phase: the plan (logged, and kept for report.json) and the cached loaders if any."""
 
-    def __init__(self, setup):
+    def __init__(self, setup, earlier_plans: dict[str, dict] | None = None):
         self.setup = setup
         self.plans: dict[str, dict] = {}  # phase name -> CachePlan.to_dict(), for the report
+        # A resumed run's plans (TrainingState.feature_cache): their automatic K is kept.
+        self.earlier_plans = dict(earlier_plans or {})
         self._phase_index: int | None = None
         self._cached: EpochInputs | None = None
         self._train_view: _EpochView | None = None
@@ -90,7 +100,7 @@ class PhaseInputs:
 
     def _prepare(self, phase_index: int) -> EpochInputs | None:
         phase = self.setup.phases[phase_index]
-        plan = self._plan()
+        plan = self._plan(phase)
         if plan.enabled:
             try:
                 inputs = self._cached_inputs(plan)
@@ -103,19 +113,39 @@ class PhaseInputs:
         self.plans[phase.name] = plan.to_dict()
         return inputs
 
-    def _plan(self) -> CachePlan:
+    def _plan(self, phase) -> CachePlan:
         setup = self.setup
         mode = getattr(setup.config, "feature_cache", "auto")
         if mode == "off":
             return CachePlan("off", 0, "turned off (feature_cache: off)")
         transform = getattr(_image_dataset(setup.train_loader), "transform", None)
+        asked = getattr(setup.config, "cache_views", None)  # None: choose K; 0: train uncached
+        earlier = self.earlier_plans.get(phase.name, {})
+        if asked is None and earlier.get("mode") == "views":
+            # Resume: the K the run started with; same model and config, so the same plan and reason.
+            plan = plan_feature_cache(setup.model, deterministic_transform=False, views=int(earlier["views"]),
+                                      batch_mixing=setup.batch_mixer is not None, anatomy=setup.anatomy)
+            return dataclasses.replace(plan, reason=earlier.get("reason", plan.reason)) if plan.enabled else plan
         return plan_feature_cache(
             setup.model,
             deterministic_transform=transform is not None and is_deterministic(transform),
-            views=getattr(setup.config, "cache_views", 0),
+            views=asked or 0,
             batch_mixing=setup.batch_mixer is not None,
             anatomy=setup.anatomy,
+            choose_views=None if asked is not None else lambda: self._choose_views(phase),
         )
+
+    def _choose_views(self, phase) -> tuple[int, str]:
+        """K for ``phase``: its epochs against what the memory budget has left, after the
+        validation features (one copy, cached after the training views) are set aside. Under
+        torchrun every process takes rank 0's K: their budgets differ, their views must not."""
+        setup = self.setup
+        train_images = _image_dataset(setup.train_loader)
+        per_image = feature_bytes_per_image(setup.model, train_images, device=setup.device, anatomy=setup.anatomy)
+        val_bytes = per_image * len(setup.val_loader.dataset)
+        chosen = choose_cache_views(phase.epochs, bytes_per_view=per_image * len(train_images),
+                                    free_bytes=max(0, setup.memory_budget.free_bytes - val_bytes))
+        return distributed.broadcast_object(chosen)
 
     def _cached_inputs(self, plan: CachePlan) -> EpochInputs:
         setup = self.setup
