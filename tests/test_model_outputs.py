@@ -10,7 +10,7 @@ from torch import nn
 from torchvision.models import GoogLeNetOutputs, InceptionOutputs
 
 from visiontune.model.outputs import main_logits
-from visiontune.run.inference import _logits
+from visiontune.run.inference import class_log_probabilities
 from visiontune.training.loops import evaluate
 
 LOGITS = torch.arange(6.0).reshape(2, 3)
@@ -56,6 +56,7 @@ def test_evaluation_and_prediction_read_the_same_logits_from_a_dict_model():
     model = _DictModel().eval()
     images = torch.randn(5, 1, 2, 2)
     labels = model(images)["logits"].argmax(dim=1)  # the model is right on every image by construction
-    assert torch.equal(_logits(model, images), model(images)["logits"])
+    expected = torch.log_softmax(model(images)["logits"].double(), dim=1)
+    assert torch.equal(class_log_probabilities(model, images), expected)
     evaluation = evaluate(model, [(images, labels)], torch.device("cpu"), ["a", "b", "c"])
     assert evaluation.metrics["accuracy"] == 1.0
