@@ -7,7 +7,7 @@ upscaled to RGB files, and the real pretrained EfficientNet-Lite0 from its PyPI 
    ``visiontune train --strategy linear-probe`` -- each a whole process, timed start to finish;
 2. full fine-tune: the best plain loop a practitioner writes (channels_last, images decoded once
    into a uint8 tensor, the same augmentation in the main process, no per-step sync) vs
-   ``visiontune train --strategy full`` with default flags, steady-state images/s (the last epoch);
+   ``visiontune train --strategy full`` with default flags, steady-state images/s (best epoch after the first);
 3. hardware use: this machine's fp32 matmul GFLOP/s vs resnet18 training at 224 px
    (3 x the forward FLOPs counted by FlopCounterMode, per image);
 4. partial (last layer group) vs full fine-tuning: time per step, and the memory a step keeps
@@ -69,7 +69,7 @@ class Sizes:
 
 DEFAULT = Sizes(per_class=100, image_size=96, probe_epochs=20, full_images=24, full_epochs=3, batch_size=32,
                 r18_steps=3)
-QUICK = Sizes(per_class=40, image_size=64, probe_epochs=20, full_images=10, full_epochs=2, batch_size=16, r18_steps=2)
+QUICK = Sizes(per_class=40, image_size=64, probe_epochs=20, full_images=10, full_epochs=3, batch_size=16, r18_steps=2)
 
 
 # -- data and weights ------------------------------------------------------------------------------
@@ -282,10 +282,13 @@ def row_full_finetune(work: Path, data: Path, sizes: Sizes) -> Row:
     script.write_text(BEST_PLAIN_SCRIPT)
     _, plain_rows = best_plain_train(script, data, sizes, sizes.full_epochs)
     _, our_rows = visiontune_train(data, work / "full-run", sizes, "full", sizes.full_epochs, [], {})
-    plain_rate, our_rate = plain_rows[-1]["images_per_s"], float(our_rows[-1]["images_per_s"])
+    # Steady state: the best epoch after the first (warm-up) on each side. Best rather than last
+    # because other processes on a shared machine only ever slow an epoch down.
+    plain_rate = max(row["images_per_s"] for row in plain_rows[1:])
+    our_rate = max(float(row["images_per_s"]) for row in our_rows[1:])
     return Row("2. full fine-tune vs best plain loop, steady-state images/s", our_rate, plain_rate, "img/s",
                our_rate / plain_rate, ">= 1.0x", our_rate >= plain_rate,
-               f"last of {sizes.full_epochs} epochs, batch {sizes.batch_size}, channels_last, decoded once, "
+               f"best of epochs 2-{sizes.full_epochs}, batch {sizes.batch_size}, channels_last, decoded once, "
                "augment basic on both sides")
 
 
