@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 # Only AMX makes bf16 training faster on a CPU. AVX-512 BF16 alone has a bf16 dot product but no
 # fast bf16 kernels for the rest of a step (depthwise convolutions, BatchNorm, the casts autocast
 # adds): measured on a 2-core avx512_bf16 CPU without AMX, EfficientNet-Lite0 at 64 px trained at
-# 6-18 images/s under bf16 autocast and 45-60 in fp32.
+# 150-170 images/s under bf16 autocast and 320-345 in fp32.
 _CPU_BF16_FLAGS = ("amx_bf16",)
 
 
@@ -111,8 +111,8 @@ def default_workers(cpu_count: int | None = None, device: torch.device | None = 
     Training on a GPU: leave one core for the main process, at most 4 (decoding small images rarely
     needs more). Training on the CPU: the step's intra-op threads already use every core and wait
     for each other at every operation, so a worker process that takes a core stalls them all
-    (measured on 2 cores: EfficientNet-Lite0 at 64 px trained at 17-25 images/s with 1 worker, 45-60
-    with none, while the worker's own share, augmenting decoded images, is ~5 % of a step); so no
+    (measured on 2 cores: EfficientNet-Lite0 at 64 px trained at 200-310 images/s with 1 worker,
+    320-345 with none, while the worker's own share, augmenting decoded images, is ~5 % of a step); so no
     worker on up to 3 cores, and one per 2 cores beyond the first 2 on larger machines, at most 4."""
     cpus = cpu_count if cpu_count is not None else (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                                                     else os.cpu_count() or 1)
