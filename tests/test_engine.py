@@ -106,6 +106,13 @@ def test_cpu_precision_is_fp32_unless_the_cpu_has_native_bf16(monkeypatch):
 
 def test_default_workers_leave_a_core_for_training():
     assert [default_workers(n) for n in (1, 2, 3, 8, 64)] == [0, 1, 2, 4, 4]
+    assert [default_workers(n, torch.device("cuda")) for n in (1, 2, 8)] == [0, 1, 4]
+
+
+def test_cpu_training_gets_no_worker_on_small_machines():
+    # The step's threads use every core there: a worker process would stall them.
+    cpu = torch.device("cpu")
+    assert [default_workers(n, cpu) for n in (1, 2, 3, 4, 8, 64)] == [0, 0, 0, 1, 3, 4]
 
 
 @pytest.mark.slow

@@ -108,3 +108,28 @@ def test_frozen_batchnorm_keeps_its_statistics_while_the_head_trains():
     model(torch.randn(4, 3, 32, 32))
     after = dict(model.named_buffers())
     assert before and all(torch.equal(value, after[name]) for name, value in before.items())
+
+
+def test_adamw_runs_fused_on_cpu_and_steps_as_the_per_tensor_loop_does():
+    config, model, phases = setup("full", weight_decay=0.05)
+    apply_phase(model, phases[0])
+    fused = build_optimizer(model, phases[0], config)
+    assert all(group["fused"] for group in fused.param_groups)
+    twin = {name: p.detach().clone().requires_grad_() for name, p in model.named_parameters()}
+    names = {id(p): name for name, p in model.named_parameters()}
+    loop = torch.optim.AdamW([{**group, "params": [twin[names[id(p)]] for p in group["params"]], "fused": None,
+                               "foreach": False} for group in fused.param_groups])
+    generator = torch.Generator().manual_seed(0)
+    steps = 3
+    for _ in range(steps):
+        for name, p in model.named_parameters():
+            p.grad = torch.randn(p.shape, generator=generator)
+            twin[name].grad = p.grad.clone()
+        fused.step()
+        loop.step()
+    # The same formula in another order of float32 operations: per step, a few roundings of the
+    # update (about lr in size) and of the weight it is added to; never a different update.
+    eps = torch.finfo(torch.float32).eps
+    for name, p in model.named_parameters():
+        scale = 16 * eps * (max(group["lr"] for group in fused.param_groups) + p.detach().abs().max().item())
+        torch.testing.assert_close(p.detach(), twin[name].detach(), rtol=0, atol=steps * scale, msg=name)

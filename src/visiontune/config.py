@@ -99,7 +99,7 @@ class TrainConfig:
     sync_bn: bool = field(default=False, metadata=_option(
         "multi-GPU (torchrun): share BatchNorm statistics across GPUs (SyncBatchNorm), for full fine-tuning"))
     workers: int | None = field(default=None, metadata=_option(
-        "data loader worker processes (default: min(4, CPUs - 1))", low=0))
+        "data loader worker processes (default: min(4, CPUs - 1) on a GPU; none on a CPU of up to 3 cores)", low=0))
     feature_cache: str = field(default="auto", metadata=_option(
         "when only the head trains on a frozen backbone, run the backbone once per image and train the head on "
         "its features (auto: in memory if they fit, else on disk in $VISIONTUNE_CACHE)",

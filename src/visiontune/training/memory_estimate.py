@@ -89,7 +89,7 @@ def check_training_memory(config: TrainConfig, preprocessing: Preprocessing, dev
     memory free on ``device``; on the CPU, the RAM available divided among this machine's
     processes). Returns the estimate (None when the architecture could not be estimated)."""
     batch = distributed.per_process_batch_size(config.batch_size)
-    workers = default_workers() if config.workers is None else config.workers
+    workers = default_workers(device=device) if config.workers is None else config.workers
     estimate = estimate_training_memory(config, preprocessing, batch, precision, workers)
     size = preprocessing.crop_size
     if estimate is None:

@@ -95,7 +95,7 @@ def build_training(config: TrainConfig) -> TrainingSetup:
     phases = plan_phases(config)
     apply_phase(model, phases[0], anatomy)
     optimizer = build_optimizer(model, phases[0], config, anatomy)
-    workers = default_workers() if config.workers is None else config.workers
+    workers = default_workers(device=device) if config.workers is None else config.workers
     train_targets = list(train_set.targets)
     return TrainingSetup(
         config=config,
