@@ -173,7 +173,7 @@ def tiny_run(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("format", FORMATS)
 def test_cli_export_of_a_trained_run(tiny_run, tmp_path, format, capsys):
-    from visiontune.run.folder import load_run
+    from visiontune.run.loaded import load_run
 
     _, run_dir = tiny_run
     out = tmp_path / "deploy" / f"classifier.{format}"

@@ -67,7 +67,7 @@ PATHS = ["load_weights", "train --weights", "train --resume", "inspect", "conver
 @pytest.mark.parametrize("path", PATHS)
 def test_a_pickle_with_code_is_refused_and_never_runs(path, run_folder, tmp_path, capsys):
     from visiontune.model.create import create_model
-    from visiontune.run.folder import load_run
+    from visiontune.run.loaded import load_run
 
     template, data = run_folder
     marker = tmp_path / "pwned"

@@ -23,7 +23,8 @@ import torch
 
 from conftest import make_image_folder
 from visiontune.cli import main
-from visiontune.run.folder import load_run, load_training_state
+from visiontune.run.folder import load_training_state
+from visiontune.run.loaded import load_run
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 RECIPE = ["--model", "timm:test_resnet", "--weights", "none", "--image-size", "32", "--batch-size", "4", "--workers", "0",

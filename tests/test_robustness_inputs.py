@@ -1,7 +1,7 @@
 """Hostile inputs (issue 11, items 2, 4, 6 and 7): each kind is refused by one mechanism, with
 exit status 2 and one line naming the culprit, never a traceback.
 
-- YAML: every reader goes through ``config.load_yaml_file`` (aliases bounded, UTF-8 only);
+- YAML: every reader goes through ``safe_yaml.load_yaml_file`` (aliases bounded, UTF-8 only);
 - messages quote user values through ``errors.shown`` (bounded whatever the value);
 - OSError on user paths is mapped at the CLI boundary; failed writes are named by ``named_write_errors``;
 - run-folder files are read by functions that raise VisiontuneError subclasses naming the file;
@@ -29,7 +29,8 @@ from conftest import make_image, make_image_folder
 from visiontune.checkpoint import load_weights, save_weights
 from visiontune.checkpoint.save import named_write_errors
 from visiontune.cli import main
-from visiontune.config import MAX_ALIAS_REPEATS, load_config_file, load_yaml_file
+from visiontune.config import load_config_file
+from visiontune.safe_yaml import MAX_ALIAS_REPEATS, load_yaml_file
 from visiontune.data.datasets import discover
 from visiontune.errors import CheckpointError, ConfigError, shown
 from visiontune.model.create import create_model
@@ -106,7 +107,7 @@ def test_the_match_rules_file_uses_the_same_bounded_loader(tmp_path):
 def test_no_module_reads_yaml_except_through_the_bounded_loader():
     """A new yaml.safe_load/yaml.load elsewhere would bring the alias bomb back."""
     offenders = [str(path.relative_to(SRC)) for path in SRC.rglob("*.py")
-                 if path.name != "config.py" and re.search(r"yaml\.(safe_)?(load|load_all|full_load)\(", path.read_text())]
+                 if path.name != "safe_yaml.py" and re.search(r"yaml\.(safe_)?(load|load_all|full_load)\(", path.read_text())]
     assert offenders == []
 
 

@@ -10,7 +10,8 @@ import torch
 
 from conftest import make_image_folder
 from visiontune.cli import main
-from visiontune.run.folder import RUN_FILES, load_run
+from visiontune.run.folder import RUN_FILES
+from visiontune.run.loaded import load_run
 
 TINY = ["--model", "timm:test_resnet", "--weights", "none", "--image-size", "32", "--batch-size", "8", "--workers", "0",
         "--seed", "0", "--device", "cpu", "--quiet"]

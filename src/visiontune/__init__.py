@@ -37,8 +37,8 @@ _EXPORTS = {
     "train": "visiontune.training.engine",
     "resume": "visiontune.training.engine",
     "TrainResult": "visiontune.training.engine",
-    "load_run": "visiontune.run.folder",
-    "LoadedRun": "visiontune.run.folder",
+    "load_run": "visiontune.run.loaded",
+    "LoadedRun": "visiontune.run.loaded",
     # after training
     "export_run": "visiontune.run.export",
     "lr_find": "visiontune.training.lr_finder",

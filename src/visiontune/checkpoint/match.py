@@ -26,7 +26,7 @@ from visiontune.checkpoint.keys import (
     role_of,
     shapes_compatible,
 )
-from visiontune.config import load_yaml_file
+from visiontune.safe_yaml import load_yaml_file
 from visiontune.errors import CheckpointError, ConfigError, shown
 
 logger = logging.getLogger(__name__)

@@ -30,7 +30,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from visiontune.run.folder import load_run
+    from visiontune.run.loaded import load_run
     from visiontune.run.inference import evaluate_run
 
     # Under torchrun each process evaluates its share of the batches; all get the summed metrics.

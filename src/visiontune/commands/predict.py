@@ -31,7 +31,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from visiontune.errors import DataError
-    from visiontune.run.folder import load_run
+    from visiontune.run.loaded import load_run
     from visiontune.run.inference import collect_images, predict_images
 
     images = collect_images(args.paths)  # before loading the model: a typo fails fast

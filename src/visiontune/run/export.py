@@ -35,7 +35,8 @@ from visiontune.data.images import DEFAULT_BACKGROUND
 from visiontune.data.transforms import build_eval_transform
 from visiontune.errors import VisiontuneError
 from visiontune.model.outputs import main_logits
-from visiontune.run.folder import RUN_FILES, load_run
+from visiontune.run.folder import RUN_FILES
+from visiontune.run.loaded import load_run
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The run folder: what a training run leaves behind, and how later commands load it back.
+"""The run folder: what a training run leaves behind (:mod:`visiontune.run.loaded` loads it back).
 
 ``RUN/`` is self-contained: ``config.yaml`` (resolved TrainConfig), ``classes.json``,
 ``preprocessing.json``, ``metrics.csv``, ``best.safetensors``, ``last.ckpt``, ``report.json``,
@@ -28,7 +28,6 @@ import logging
 import random
 import re
 import time
-from dataclasses import dataclass
 from io import StringIO
 from pathlib import Path
 from typing import Any
@@ -37,19 +36,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from visiontune import distributed
 from visiontune.atomic_io import atomic_write, write_text_atomically
-from visiontune.checkpoint import load_weights, read_checkpoint, save_weights
+from visiontune.checkpoint import read_checkpoint, save_weights
 from visiontune.checkpoint.finite import require_finite
 from visiontune.checkpoint.save import named_write_errors
-from visiontune.config import TrainConfig, read_config, save_config
-from visiontune.device import DEVICES, resolve_device
+from visiontune.config import TrainConfig, save_config
 from visiontune.distributed import is_main_process
 from visiontune.errors import CheckpointError, ConfigError
-from visiontune.model.create import create_model
 from visiontune.model.preprocessing import Preprocessing
 from visiontune.run.files import run_file, run_subfolder
-from visiontune.run.inference import predict_images
 
 log = logging.getLogger(__name__)
 
@@ -291,89 +286,3 @@ def load_training_state(run_dir: str | Path) -> dict:
 def save_best_weights(run_dir: Path, model: nn.Module) -> None:
     if is_main_process():
         save_weights(model, run_dir / BEST_WEIGHTS)
-
-
-# -- loading a finished run -------------------------------------------------------------------
-
-
-@dataclass
-class LoadedRun:
-    """A trained model (in eval mode) with everything needed to use it."""
-
-    model: nn.Module
-    classes: list[str]
-    preprocessing: Preprocessing
-    config: TrainConfig
-    run_dir: Path
-
-    def predict(self, paths, top_k: int = 5, tta: bool = False):
-        """Classify image files: ``(predictions, skipped)`` as :func:`visiontune.run.inference.predict_images`
-        (``tta``: average each image's probabilities with its horizontal flip's)."""
-        return predict_images(self, [paths] if isinstance(paths, (str, Path)) else paths, top_k=top_k, tta=tta)
-
-
-def load_run(run_dir: str | Path, checkpoint: str = "best", device: str | torch.device = "cpu") -> LoadedRun:
-    """Rebuild the run's model and load ``best.safetensors`` (``checkpoint="best"``) or the model
-    in ``last.ckpt`` (``"last"``), on ``device`` (``"auto"``, ``"cpu"``, ``"cuda"`` or a torch device).
-
-    A folder that does not exist, or is not a run folder, is a ConfigError that says which."""
-    run_dir = Path(run_dir).expanduser()
-    if not run_dir.exists():
-        raise ConfigError(f"run folder {run_dir} does not exist; give the folder that 'visiontune train --out' wrote")
-    if not run_dir.is_dir() or not run_file(check_run_folder(run_dir), CONFIG_FILE).is_file():
-        raise ConfigError(f"{run_dir} is not a visiontune run folder (it has no {CONFIG_FILE}); "
-                          "give the folder that 'visiontune train --out' wrote")
-    if checkpoint not in ("best", "last"):
-        raise ConfigError(f"checkpoint must be 'best' or 'last', got {checkpoint!r}")
-    # "auto"/"cpu"/"cuda" are checked (no GPU is a ConfigError) and, under torchrun, "cuda" is this
-    # process's GPU (cuda:LOCAL_RANK); "cuda:1" or a torch.device is used as given.
-    device = distributed.device_for_rank(resolve_device(device)) if device in DEVICES else torch.device(device)
-    config = read_config(run_dir / CONFIG_FILE)
-    classes = read_run_json(run_file(run_dir, CLASSES_FILE), list)
-    if not classes or not all(isinstance(name, str) for name in classes):
-        raise CheckpointError(f"{run_dir / CLASSES_FILE} is damaged: it must hold a list of class names")
-    preprocessing_values = read_run_json(run_file(run_dir, PREPROCESSING_FILE), dict)
-    try:
-        preprocessing = Preprocessing.from_dict(preprocessing_values)
-    except (KeyError, TypeError, ValueError) as error:
-        raise CheckpointError(f"{run_dir / PREPROCESSING_FILE} is damaged ({type(error).__name__}: {str(error)[:80]})") from None
-    model = build_run_model(config, len(classes))
-    _load_run_weights(model, run_dir, checkpoint)
-    model.to(device).eval()
-    return LoadedRun(model, classes, preprocessing, config, run_dir)
-
-
-def read_run_json(path: Path, kind: type) -> Any:
-    """A JSON file of a run folder, which must hold a ``kind`` (list or dict); a missing, unreadable
-    or damaged file is a one-line CheckpointError naming it."""
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is missing; the run folder is incomplete") from None
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
-        raise CheckpointError(f"{path} is damaged or unreadable ({type(error).__name__}: {str(error)[:80]}); "
-                              "restore it from the run that wrote it") from None
-    if not isinstance(value, kind):
-        raise CheckpointError(f"{path} is damaged: it holds a {type(value).__name__}, not a {kind.__name__}")
-    return value
-
-
-def build_run_model(config: TrainConfig, num_classes: int) -> nn.Module:
-    """The run's architecture with random weights (the trained ones are loaded on top)."""
-    return create_model(config.model, num_classes=num_classes, weights=None)
-
-
-def _load_run_weights(model: nn.Module, run_dir: Path, checkpoint: str) -> None:
-    """Through load_weights, so that a damaged, unsafe or foreign file (a lying safetensors header,
-    integer tensors for float weights, wrong shapes) is a one-line CheckpointError, never a traceback."""
-    if checkpoint == "last":
-        path, source = run_dir / LAST_CHECKPOINT, load_training_state(run_dir)["model"]
-    else:
-        path = source = run_file(run_dir, BEST_WEIGHTS)
-        if not path.is_file():
-            raise CheckpointError(f"{path} does not exist; the run may not have finished an epoch (try checkpoint='last')")
-    report = load_weights(model, source, match="name")
-    if not report.complete or report.unexpected:
-        raise CheckpointError(f"{path} does not fit the run's model ({len(report.missing)} missing, "
-                              f"{len(report.mismatched)} mismatched, {len(report.unexpected)} unexpected tensors); "
-                              "it was not written by this run")

@@ -1,6 +1,6 @@
 """Using a finished run: classify image files, or measure the model on a labelled folder.
 
-Both work on a :class:`visiontune.run.folder.LoadedRun` (``load_run(RUN)``) and prepare images exactly
+Both work on a :class:`visiontune.run.loaded.LoadedRun` (``load_run(RUN)``) and prepare images exactly
 as the run's validation did: ``load_image`` then the evaluation transform of the run's saved
 preprocessing. Unreadable images never stop the work; they are returned as ``(path, reason)``.
 

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from visiontune.atomic_io import same_file, write_text_atomically
-from visiontune.config import load_yaml_text
+from visiontune.safe_yaml import load_yaml_text
 from visiontune.data import load_image
 from visiontune.errors import ConfigError, VisiontuneError
 from visiontune.run.files import run_file
