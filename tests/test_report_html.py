@@ -166,6 +166,15 @@ def test_a_run_with_builtin_weights_and_no_mistakes(tmp_path):
     assert "All 6 validation images were classified correctly" in page.sections["most-wrong"]
 
 
+def test_the_summary_leaves_out_what_the_run_did_not_use(tmp_path):
+    run = _fake_run(tmp_path)
+    report = json.loads((run / "report.json").read_text())
+    report.update(budget=None, ema_decay=None, best_weights="model")  # trained without --budget and --ema
+    (run / "report.json").write_text(json.dumps(report))
+    summary = _Page(write_report(run).read_text()).sections["summary"]
+    assert "best_weights" in summary and "budget" not in summary and "ema_decay" not in summary
+
+
 def test_missing_thumbnail_files_are_named_not_fatal(tmp_path):
     run = _fake_run(tmp_path, wrong=2)
     for image in (tmp_path / "data").rglob("*.png"):

@@ -103,7 +103,8 @@ def _require_run_dir(run_dir: Path) -> None:
 
 
 def _summary_section(report: dict) -> str:
-    scalars = {key: value for key, value in report.items() if _is_scalar(value)}
+    # None marks what the run did not use (no --budget, no --ema): nothing to show
+    scalars = {key: value for key, value in report.items() if _is_scalar(value) and value is not None}
     if not scalars:
         return _missing("report.json")
     return _key_value_table(scalars)

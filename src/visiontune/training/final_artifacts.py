@@ -103,7 +103,7 @@ def _report(setup: TrainingSetup, state: TrainingState, metrics: dict, eval_seco
         "best_val_accuracy": state.best_accuracy,
         # which weights best.safetensors (and so "final") holds: the trained model's, or --ema's average
         "best_weights": state.best_weights,
-        "ema_decay": setup.config.ema,
+        "ema_decay": setup.config.ema or None,  # None: trained without --ema
         "final": metrics,  # the best weights evaluated once more on the validation set
         "timings": {
             "train_and_val_seconds": state.train_seconds,
