@@ -19,7 +19,7 @@ from visiontune import distributed
 from visiontune.device import Precision, autocast
 from visiontune.errors import VisiontuneError
 from visiontune.metrics import ClassificationMetrics
-from visiontune.model.freeze import set_train_mode  # the BatchNorm policy lives with freezing; re-exported here
+from visiontune.model.freeze import set_train_mode  # the BatchNorm rule lives with freezing
 from visiontune.model.outputs import main_logits
 from visiontune.training.ema import WeightAverage
 from visiontune.training.schedule import Schedule, set_learning_rates

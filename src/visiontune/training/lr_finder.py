@@ -34,8 +34,9 @@ import torch
 from torch import nn
 
 from visiontune.device import Precision
+from visiontune.model.freeze import set_train_mode
 from visiontune.run.plots import Figure, save_png
-from visiontune.training.loops import set_train_mode, train_step
+from visiontune.training.loops import train_step
 from visiontune.training.setup import TrainingSetup
 
 log = logging.getLogger(__name__)
