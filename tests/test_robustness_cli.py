@@ -108,3 +108,16 @@ def test_an_allocation_the_machine_cannot_make_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr("visiontune.commands.models.run", lambda args: (_ for _ in ()).throw(RuntimeError("a bug")))
     with pytest.raises(RuntimeError, match="a bug"):  # other RuntimeErrors stay visible as the bugs they are
         main(["models"])
+
+
+def test_predict_on_nothing_readable_is_one_line_naming_the_first_file(tmp_path, capsys, monkeypatch):
+    # not a list of skipped files followed by the error: the error alone, with the first culprit
+    garbage = [tmp_path / "a.png", tmp_path / "b.png"]
+    for path in garbage:
+        path.write_bytes(b"not an image")
+    monkeypatch.setattr("visiontune.run.loaded.load_run", lambda *args, **kwargs: object())
+    monkeypatch.setattr("visiontune.run.inference.predict_images",
+                        lambda run, images, **kwargs: ([], [(str(path), "not an image file") for path in images]))
+    assert main(["predict", "--run", str(tmp_path), *map(str, garbage)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "none of the 2 image(s)" in error and "a.png" in error

@@ -58,7 +58,7 @@ class TrainConfig:
     lr: float | Literal["auto"] = field(default=3e-4, metadata=_option(
         "learning rate of the backbone (peak, after warmup); 'auto' runs the LR finder", low=0.0, low_open=True))
     head_lr: float | None = field(default=None, metadata=_option(
-        "learning rate of the new head (default: 10x --lr; --lr itself for linear-probe)", low=0.0, low_open=True))
+        "learning rate of the new head (default: 10x --lr, in every strategy)", low=0.0, low_open=True))
     optimizer: str = field(default="adamw", metadata=_option("optimizer", choices=("adamw", "sgd")))
     momentum: float = field(default=0.9, metadata=_option("SGD momentum", low=0.0, high=1.0, high_open=True))
     weight_decay: float = field(default=0.01, metadata=_option(

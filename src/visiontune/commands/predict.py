@@ -42,10 +42,11 @@ def run(args: argparse.Namespace) -> int:
                                               across_processes=True, tta=args.tta)
     if not distributed.is_main_process():
         return 0
+    if not predictions:  # one line, naming the first file, rather than a list and then the error
+        first = f"; the first, {skipped[0][0]}: {skipped[0][1]}" if skipped else ""
+        raise DataError(f"none of the {len(images)} image(s) could be read{first}")
     for path, reason in skipped:
         print(f"skipped unreadable image {path}: {reason}", file=sys.stderr)
-    if not predictions:
-        raise DataError(f"none of the {len(images)} image(s) could be read")
     if args.json:
         print(json.dumps([prediction.to_dict() for prediction in predictions], indent=2))
         return 0

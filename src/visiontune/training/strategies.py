@@ -85,8 +85,6 @@ def apply_phase(model: nn.Module, phase: Phase, anatomy: Anatomy | None = None) 
 def head_learning_rate(config: TrainConfig) -> float:
     if config.head_lr is not None:
         return float(config.head_lr)
-    if config.strategy == "linear-probe":
-        return float(config.lr)
     return float(config.lr) * HEAD_LR_MULTIPLIER
 
 
