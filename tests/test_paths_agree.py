@@ -48,7 +48,8 @@ COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
 MODES = ("RGBA", "P", "L", "LA", "I;16", "RGB")
 SIZES = ((70, 50), (50, 90), (64, 64), (101, 77), (40, 120), (83, 83), (97, 61))
 RECIPE = ["--model", "resnet18", "--weights", "none", "--image-size", "64", "--batch-size", "8", "--workers", "0",
-          "--seed", "0", "--device", "cpu", "--strategy", "linear-probe", "--epochs", "2", "--lr", "0.001", "--quiet"]  # head: 10x
+          "--seed", "0", "--device", "cpu", "--strategy", "linear-probe", "--epochs", "2",
+          "--lr", "0.001", "--quiet"]  # the head learns at 10x --lr
 
 # Probabilities: val_predictions.csv stores 6 decimals (rounding: 5e-7). Beyond that the paths may
 # differ only by float32 kernel rounding (channels_last at batch 8 in training, contiguous at
