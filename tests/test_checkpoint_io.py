@@ -236,3 +236,12 @@ def test_training_checkpoints_with_argparse_namespaces_load_safely(tmp_path):
     torch.save({"model": model.state_dict(), "args": argparse.Namespace(lr=0.1, model="tiny"), "epoch": 3}, path)
     report = load_weights(tiny_net(), path)
     assert report.complete and report.unwrapped_from == "model"
+
+
+def test_same_file_is_false_for_a_symlink_loop(tmp_path):
+    # Path.resolve raises RuntimeError on a loop; convert's own-input check must not become a traceback
+    from visiontune.atomic_io import same_file
+
+    loop = tmp_path / "loop.safetensors"
+    loop.symlink_to(loop)
+    assert not same_file(loop, tmp_path / "out.safetensors")

@@ -211,7 +211,7 @@ def test_scan_labelled_uses_run_classes_and_val_folder(image_folder: Path):
     samples = scan_labelled(image_folder / "val", classes)
     assert len(samples) == 9 and all(classes[s.label] == s.path.parent.name for s in samples)
     assert scan_labelled(image_folder, classes) == samples  # DIR with val/ inside -> DIR/val
-    with pytest.raises(DataError, match="does not know: blue"):
+    with pytest.raises(DataError, match="does not know: 'blue'"):
         scan_labelled(image_folder / "val", ["red", "green"])
 
 

@@ -166,7 +166,8 @@ class Case:
         """A path for --out: ``fresh`` (a new name under out/) or one of corpus.PATH_CHOICES. The
         path itself may change (the user named it); a symlink's target too (the user named that)."""
         path = str(self.out / "fresh" / "thing") if kind == "fresh" else self.paths[kind]
-        self.writable += [Path(path), Path(path + ".json")]  # export writes its preprocessing beside FILE
+        # export writes its preprocessing beside FILE; convert adds .safetensors to a name without a suffix
+        self.writable += [Path(path), Path(path + ".json"), Path(path + ".safetensors")]
         missing = Path(path)
         while not missing.parent.exists() and missing.parent != missing:
             missing = missing.parent
@@ -587,6 +588,8 @@ def test_fuzz_export(world):
                                                                   "victim_link"]), label="out"))]
         argv += _extras(data, {"--tolerance": ["1e-9", "1"], "--checkpoint": ["last", "worst"]}) \
             if "flags" in hostile else []
+        if "onnx" in argv:  # onnxruntime itself keeps a device id in ~/.cache/Microsoft (README: Reliability)
+            c.writable.append(world.env / "home" / ".cache")
         run_case(c, argv, writes_run=True)
 
     case()

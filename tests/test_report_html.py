@@ -234,3 +234,10 @@ def test_report_of_a_real_run(tiny_run):
     assert all(name in page.sections["per-class"] for name in ("blue", "green", "red"))
     assert "resnet18" in page.sections["configuration"] and "best_val_accuracy" in page.sections["summary"]
     assert "no weights file was loaded" in page.sections["load-report"]  # --weights none
+
+
+def test_a_swapped_report_json_leaves_its_sections_out(tmp_path):
+    run = _fake_run(tmp_path)
+    (run / "report.json").write_text(json.dumps(["not", "a", "report"]))  # a list where a dict belongs
+    page = _Page(write_report(run).read_text())
+    assert "report.json" in page.sections["summary"]  # named as not available, not a crash

@@ -361,3 +361,13 @@ def test_nan_weights_in_a_run_stop_every_command_with_one_line(command, finished
     line = _one_line_error(capsys, _run_main(argv))
     assert "fc.weight" in line and "NaN" in line
     assert json.loads((run / "classes.json").read_text())  # nothing of the run was damaged further
+
+
+@pytest.mark.parametrize("size", [0, -1, 100_000_000])
+def test_a_damaged_preprocessing_size_is_refused(size):
+    # a preprocessing.json naming 10^8 pixels per side would ask for petabytes before any message
+    from visiontune.model.preprocessing import Preprocessing
+
+    values = {"crop_size": size, "resize_size": 256, "mean": [0.5] * 3, "std": [0.25] * 3}
+    with pytest.raises(ConfigError, match="not valid"):
+        Preprocessing.from_dict(values)

@@ -81,11 +81,11 @@ def same_file(first: str | os.PathLike, second: str | os.PathLike) -> bool:
     """Whether two paths name one file: the same resolved path, or (both existing) the same inode,
     which catches a symlink or a hard link to the other."""
     first, second = Path(first).expanduser(), Path(second).expanduser()
-    if first.resolve() == second.resolve():
-        return True
     try:
+        if first.resolve() == second.resolve():
+            return True
         return os.path.samefile(first, second)
-    except OSError:  # one of them does not exist (yet): then they cannot be one file
+    except (OSError, RuntimeError):  # one does not exist (yet), or is a symlink loop: not one file
         return False
 
 

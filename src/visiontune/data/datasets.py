@@ -71,7 +71,8 @@ def scan_labelled(data: str | Path, classes: list[str]) -> list[Sample]:
     unknown = [folder.name for folder in folders if folder.name not in classes]
     if unknown:
         raise DataError(
-            f"{root} has class folder(s) the model does not know: {', '.join(unknown)}; known classes: {', '.join(classes)}"
+            f"{root} has class folder(s) the model does not know: {', '.join(map(shown, unknown))}; "
+            f"known classes: {', '.join(map(shown, classes))}"
         )
     samples = [Sample(path, classes.index(folder.name)) for folder in folders for path in list_images(folder)]
     if not samples:

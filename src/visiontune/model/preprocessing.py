@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass
 
 from visiontune.errors import ConfigError
 
+MAX_SIZE = 16_384  # pixels per side a preprocessing.json may name; more is a damaged file, not a model
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -45,13 +47,14 @@ class Preprocessing:
         except (KeyError, TypeError, ValueError, OverflowError) as error:
             raise ConfigError(f"preprocessing.json values {str(values)[:200]} are not valid ({error!r}); expected "
                               "keys crop_size, resize_size, mean, std, interpolation") from None
-        sizes_ok = preprocessing.crop_size > 0 and preprocessing.resize_size > 0
+        sizes_ok = 0 < preprocessing.crop_size <= MAX_SIZE and 0 < preprocessing.resize_size <= MAX_SIZE
         channels_ok = len(preprocessing.mean) == len(preprocessing.std) in (1, 3)  # grey or RGB
         numbers_ok = all(math.isfinite(v) for v in preprocessing.mean + preprocessing.std) and \
             all(v > 0 for v in preprocessing.std)
         if not (sizes_ok and channels_ok and numbers_ok):
             raise ConfigError(f"preprocessing.json values {str(values)[:200]} are not valid: need positive crop_size "
-                              "and resize_size, finite mean values and positive std values, three (RGB) or one each")
+                              f"and resize_size up to {MAX_SIZE}, finite mean values and positive std values, "
+                              "three (RGB) or one each")
         return preprocessing
 
     def with_image_size(self, image_size: int) -> "Preprocessing":

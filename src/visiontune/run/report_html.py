@@ -72,9 +72,9 @@ def build_report(run_dir: str | Path, max_wrong: int = MAX_WRONG) -> str:
     """The report page as a string (see :func:`write_report`)."""
     run_dir = Path(run_dir)
     _require_run_dir(run_dir)
-    report = _read_json(run_file(run_dir, "report.json")) or {}
+    report = _read_json(run_file(run_dir, "report.json"), dict) or {}
     config_text = _read_text(run_file(run_dir, "config.yaml"))
-    classes = _read_json(run_file(run_dir, "classes.json")) or []
+    classes = _read_json(run_file(run_dir, "classes.json"), list) or []
     sections = [
         ("summary", "Summary", _summary_section(report)),
         ("configuration", "Configuration", _pre(config_text) if config_text else _missing("config.yaml")),
@@ -346,15 +346,21 @@ def _read_text(path: Path) -> str | None:
     return path.read_text(encoding="utf-8", errors="replace") if path.is_file() else None
 
 
-def _read_json(path: Path):
+def _read_json(path: Path, kind: type | None = None):
+    """The JSON value in ``path``; None (its sections are left out, with a log line) when the file is
+    missing, not JSON or not of ``kind`` (a damaged or swapped file)."""
     text = _read_text(path)
     if text is None:
         return None
     try:
-        return json.loads(text)
-    except json.JSONDecodeError as error:
-        log.warning("%s is not valid JSON (%s); its sections are left out", path, error)
+        value = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as error:
+        log.warning("%s is not valid JSON (%s); its sections are left out", path, str(error)[:80])
         return None
+    if kind is not None and not isinstance(value, kind):
+        log.warning("%s holds a %s, not a %s; its sections are left out", path, type(value).__name__, kind.__name__)
+        return None
+    return value
 
 
 def _read_csv(path: Path) -> list[dict] | None:
