@@ -17,7 +17,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(VENV)/bin/python -m pip install --quiet -e '.[dev,export]'
+	$(VENV)/bin/python -m pip install --quiet -e '.[dev,all]'
 	touch $(STAMP)
 
 clean:
