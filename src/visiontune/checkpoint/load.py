@@ -14,6 +14,7 @@ from pathlib import Path
 from visiontune.checkpoint.align import match_auto
 from visiontune.checkpoint.clean import clean_keys
 from visiontune.checkpoint.finite import require_finite
+from visiontune.checkpoint.hf_layout import timm_names
 from visiontune.checkpoint.io import read_checkpoint, sniff_format
 from visiontune.checkpoint.match import (
     Plan,
@@ -24,7 +25,9 @@ from visiontune.checkpoint.match import (
     parse_strategy,
     rename_by_rules,
 )
+from visiontune.checkpoint.readings import resolve_mismatches, with_attention_readings
 from visiontune.checkpoint.report import LoadReport
+from visiontune.checkpoint.transforms import Transform
 from visiontune.checkpoint.unwrap import unwrap
 from visiontune.errors import CheckpointError
 
@@ -57,7 +60,9 @@ def load_weights(model, source, match="auto", dry_run: bool = False, allow_unsaf
 
     plan = _plan(strategy, model_state, tensors, original)
     plan.notes[:0] = rule_notes
-    report = _report(plan, model_state, tensors, original, list(checkpoint), strategy, source_format, unwrapped.unwrapped_from, source_name, dry_run)
+    removed = _removed_prefixes(original)
+    _materialize_transforms(plan, tensors, original)
+    report = _report(plan, model_state, tensors, original, list(checkpoint), strategy, source_format, unwrapped.unwrapped_from, source_name, dry_run, removed)
     if not plan.loaded:
         raise CheckpointError(_nothing_fits_message(source_name, strategy, model_state, checkpoint))
     _reject_wrong_kinds(model_state, tensors, plan.loaded, original, source_name)
@@ -93,19 +98,76 @@ def _plan(strategy: Strategy, model_state: dict, tensors: dict, original: dict[s
     target = {key: tuple(tensor.shape) for key, tensor in model_state.items()}
     source = {key: tuple(tensor.shape) for key, tensor in tensors.items()}
     if strategy.kind == "auto":
-        floating = lambda state: {key: tensor.is_floating_point() or tensor.is_complex() for key, tensor in state.items()}
-        return match_auto(target, source, floating(model_state), floating(tensors))
+        return _plan_auto(model_state, tensors)
     if strategy.kind == "order":
         return match_by_order(target, source)
     if strategy.kind == "mapping":
         aliases = {name: cleaned for cleaned, name in original.items()}
         return match_by_mapping(target, source, strategy, aliases)
-    return match_by_name(target, source, whole_modules=True)  # "name", and "rules" after renaming
+    plan = match_by_name(target, source, whole_modules=True)  # "name", and "rules" after renaming
+    resolve_mismatches(plan, target, source)
+    return plan
 
 
-def _report(plan: Plan, model_state, tensors, original, checkpoint_keys, strategy, source_format, unwrapped_from, source_name, dry_run) -> LoadReport:
-    used = {original[source] for source in [*plan.loaded.values(), *plan.mismatched.values()]}
-    removed = sorted({name[: len(name) - len(cleaned)] for cleaned, name in original.items() if name.endswith(cleaned) and name != cleaned})
+def _plan_auto(model_state: dict, tensors: dict) -> Plan:
+    """Names, fused/split attention, structure, resampling: all on timm-style names when one side is
+    a ``transformers`` model (hf_layout), mapped back to the real names at the end."""
+    target_names, target_family = timm_names(list(model_state))
+    source_names, source_family = timm_names(list(tensors))
+    if target_family and source_family:  # both transformers: their own names line up best
+        target_names, source_names = {key: key for key in model_state}, {key: key for key in tensors}
+    target = {name: tuple(model_state[key].shape) for name, key in target_names.items()}
+    source = {name: tuple(tensors[key].shape) for name, key in source_names.items()}
+    source, transforms = with_attention_readings(target, source)
+    floating = lambda tensor: tensor.is_floating_point() or tensor.is_complex()
+    target_floating = {name: floating(model_state[key]) for name, key in target_names.items()}
+    source_floating = {
+        name: floating(tensors[source_names[transforms[name].sources[0] if name in transforms else name]]) for name in source
+    }
+    plan = match_auto(target, source, target_floating, source_floating)
+    plan.transforms.update(transforms)
+    resolve_mismatches(plan, target, source)
+    if target_family or source_family:
+        side = "model" if target_family and not source_family else "checkpoint" if source_family and not target_family else "model and checkpoint"
+        plan.notes.insert(0, f"the {side} is in transformers' {target_family or source_family} layout; names were translated to timm's to match them")
+    return _real_names(plan, target_names, source_names)
+
+
+def _real_names(plan: Plan, target_names: dict[str, str], source_names: dict[str, str]) -> Plan:
+    """A plan over translated names, with model keys and checkpoint keys (also inside transforms) named as they really are."""
+    source_of = lambda name: name if name in plan.transforms else source_names[name]
+    used = {source for pairs in (plan.loaded, plan.mismatched, plan.held_back) for source in pairs.values()}
+    return Plan(
+        loaded={target_names[t]: source_of(s) for t, s in plan.loaded.items()},
+        mismatched={target_names[t]: source_of(s) for t, s in plan.mismatched.items()},
+        held_back={target_names[t]: source_of(s) for t, s in plan.held_back.items()},
+        notes=plan.notes,
+        transforms={
+            virtual: Transform(transform.op, tuple(source_names[name] for name in transform.sources), transform.args)
+            for virtual, transform in plan.transforms.items() if virtual in used
+        },
+    )
+
+
+def _removed_prefixes(original: dict[str, str]) -> list[str]:
+    return sorted({name[: len(name) - len(cleaned)] for cleaned, name in original.items() if name.endswith(cleaned) and name != cleaned})
+
+
+def _materialize_transforms(plan: Plan, tensors: dict, original: dict[str, str]) -> None:
+    """Build the tensors of the plan's transforms (only those it uses), named in the report by what they do."""
+    used = set(plan.loaded.values()) | set(plan.mismatched.values())
+    for virtual, transform in plan.transforms.items():
+        if virtual in used:
+            tensors[virtual] = transform.apply(tensors)
+            original[virtual] = transform.describe(original)
+
+
+def _report(plan: Plan, model_state, tensors, original, checkpoint_keys, strategy, source_format, unwrapped_from, source_name, dry_run, removed) -> LoadReport:
+    used = {
+        original[name]
+        for source in [*plan.loaded.values(), *plan.mismatched.values()]
+        for name in (plan.transforms[source].sources if source in plan.transforms else (source,))
+    }
     return LoadReport(
         loaded={target: original[source] for target, source in plan.loaded.items()},
         missing=[key for key in model_state if key not in plan.loaded and key not in plan.mismatched],
@@ -113,7 +175,8 @@ def _report(plan: Plan, model_state, tensors, original, checkpoint_keys, strateg
         mismatched={
             target: (tuple(model_state[target].shape), tuple(tensors[source].shape)) for target, source in plan.mismatched.items()
         },
-        renamed={target: original[source] for target, source in plan.loaded.items() if target != source},
+        renamed={target: original[source] for target, source in plan.loaded.items() if target != source and source not in plan.transforms},
+        transformed={target: original[source] for target, source in plan.loaded.items() if source in plan.transforms},
         source_format=source_format,
         unwrapped_from=unwrapped_from,
         source=source_name,

@@ -26,6 +26,7 @@ from visiontune.checkpoint.keys import (
     role_of,
     shapes_compatible,
 )
+from visiontune.checkpoint.transforms import Transform, parse_expression, shape_fits
 from visiontune.safe_yaml import load_yaml_file
 from visiontune.errors import CheckpointError, ConfigError, shown
 
@@ -43,6 +44,8 @@ class Plan:
     mismatched: dict[str, str] = field(default_factory=dict)  # target key -> source key whose shape cannot fit
     held_back: dict[str, str] = field(default_factory=dict)  # fits, but a sibling in its module does not
     notes: list[str] = field(default_factory=list)
+    # source keys that are built, not read: {virtual key: Transform over real checkpoint keys}
+    transforms: dict[str, Transform] = field(default_factory=dict)
 
     def used_sources(self) -> set[str]:
         """Source keys this plan has decided about (loaded, mismatched or held back)."""
@@ -56,6 +59,7 @@ class Plan:
         self.mismatched.update(other.mismatched)
         self.held_back.update(other.held_back)
         self.notes.extend(other.notes)
+        self.transforms.update(other.transforms)
 
 
 @dataclass(frozen=True)
@@ -122,25 +126,39 @@ def _has_batch_counters(keys: list[str]) -> bool:
 def match_by_mapping(target: ShapeMap, source: ShapeMap, strategy: Strategy, aliases: dict[str, str]) -> Plan:
     """Explicit pairs first (``None`` keeps a model tensor as it is), then names for the rest.
 
-    ``aliases`` maps original checkpoint names to cleaned ones, so the user may write either.
+    ``aliases`` maps original checkpoint names to cleaned ones, so the user may write either. A
+    value may also be a transform over checkpoint keys, ``cat(q, k, v)`` (see :mod:`.transforms`).
     """
     mapping = strategy.mapping or {}
-    resolved = {key: (aliases.get(value, value) if value is not None else None) for key, value in mapping.items()}
-    _check_names_exist(mapping, resolved, target, source, strategy.origin)
     plan = Plan()
+    source = dict(source)
+    resolved: dict[str, str | None] = {}
+    for key, value in mapping.items():
+        expression = parse_expression(value, strategy.origin) if value is not None else None
+        if expression is None:
+            resolved[key] = aliases.get(value, value) if value is not None else None
+            continue
+        expression = Transform(expression.op, tuple(aliases.get(name, name) for name in expression.sources), expression.args)
+        _check_names_exist({}, {f"{key} <- {value}": name for name in expression.sources}, target, source, strategy.origin)
+        problem = shape_fits(expression, source)
+        if problem:
+            raise CheckpointError(f"The mapping in {strategy.origin} asks for {value} for {key!r}, but {problem}; fix the mapping.")
+        virtual = expression.describe()
+        source[virtual], plan.transforms[virtual], resolved[key] = expression.shape(source), expression, virtual
+    _check_names_exist(mapping, resolved, target, source, strategy.origin)
     for target_key, source_key in resolved.items():
         if source_key is not None:
             pair(target, source, target_key, source_key, plan)
     rest_target = {key: shape for key, shape in target.items() if key not in resolved}
-    used = plan.used_sources()
-    plan.add(match_by_name(rest_target, {key: shape for key, shape in source.items() if key not in used}))
+    used = plan.used_sources() | {name for transform in plan.transforms.values() for name in transform.sources}
+    plan.add(match_by_name(rest_target, {key: shape for key, shape in source.items() if key not in used and key not in plan.transforms}))
     return plan
 
 
 def _check_names_exist(mapping, resolved, target: ShapeMap, source: ShapeMap, origin: str) -> None:
     problems = [f"model key {shown(key)}{_suggest(key, target)}" for key in mapping if key not in target]
     problems += [
-        f"checkpoint key {shown(mapping[key])}{_suggest(value, source)}"
+        f"checkpoint key {shown(mapping.get(key, value))}{_suggest(value, source)}"
         for key, value in resolved.items()
         if value is not None and value not in source
     ]

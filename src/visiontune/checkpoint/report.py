@@ -17,7 +17,8 @@ class LoadReport:
     """What ``load_weights`` did (or, with ``dry_run``, would do).
 
     ``loaded`` maps model keys to checkpoint keys (as named in the file); ``renamed`` is the part of
-    it whose names differ beyond prefix cleaning (``module.`` and the like); ``missing`` model keys
+    it whose names differ beyond prefix cleaning (``module.`` and the like); ``transformed`` the part
+    built by a tensor transform (``cat(q, k, v)``, a resampled position embedding); ``missing`` model keys
     kept their values; ``unexpected`` checkpoint keys were not used; ``mismatched`` model keys had a
     counterpart whose shape cannot fit: ``{model_key: (model_shape, checkpoint_shape)}``.
     """
@@ -33,6 +34,7 @@ class LoadReport:
     match: str = "auto"
     dry_run: bool = False
     mismatched_from: dict[str, str] = field(default_factory=dict)  # model key -> checkpoint key of a mismatch
+    transformed: dict[str, str] = field(default_factory=dict)  # model key -> how it was built: "cat(q, k, v)"
     removed_prefixes: list[str] = field(default_factory=list)  # e.g. ["module."]
     notes: list[str] = field(default_factory=list)
     model_keys: list[str] = field(default_factory=list, repr=False)  # every model key, in order (for collapsing)
@@ -53,6 +55,7 @@ class LoadReport:
             "dry_run": self.dry_run,
             "loaded": dict(self.loaded),
             "renamed": dict(self.renamed),
+            "transformed": dict(self.transformed),
             "missing": list(self.missing),
             "unexpected": list(self.unexpected),
             "mismatched": {
@@ -69,6 +72,8 @@ class LoadReport:
         total = len(self.model_keys) or len(self.loaded) + len(self.missing) + len(self.mismatched)
         lines = [f"{verb} {len(self.loaded)} of {total} model tensors from {self.source} ({self.source_format}{wrapper}; match={self.match})"]
         lines.append(self._row(verb, self._patterns(self.loaded, self.model_keys), len(self.loaded)))
+        if self.transformed:
+            lines.append(self._pairs_row("built", [f"{t} <- {s}" for t, s in self.transformed.items()]))
         if self.renamed:
             lines.append(self._pairs_row("renamed", [f"{t} <- {s}" for t, s in self.renamed.items()]))
         if self.mismatched:
