@@ -27,7 +27,6 @@ from visiontune.checkpoint.match import (
 )
 from visiontune.checkpoint.readings import resolve_mismatches, with_attention_readings
 from visiontune.checkpoint.report import LoadReport
-from visiontune.checkpoint.transforms import Transform
 from visiontune.checkpoint.unwrap import unwrap
 from visiontune.errors import CheckpointError
 
@@ -54,12 +53,14 @@ def load_weights(model, source, match="auto", dry_run: bool = False, allow_unsaf
     model_state = model.state_dict()
 
     renamed_by_rules, rule_notes = _rules_step(strategy, list(checkpoint))
-    cleaned = clean_keys(list(renamed_by_rules), list(model_state))  # cleaned name -> name after rules
+    target_names, renamed_by_rules, layout_notes = _layouts(strategy, list(model_state), renamed_by_rules)
+    model_view = {name: model_state[key] for name, key in target_names.items()}  # the same tensors, maybe other names
+    cleaned = clean_keys(list(renamed_by_rules), list(model_view))  # cleaned name -> name after rules
     original = {new: renamed_by_rules[old] for new, old in cleaned.items()}  # cleaned name -> name in the file
     tensors = {new: checkpoint[name] for new, name in original.items()}
 
-    plan = _plan(strategy, model_state, tensors, original)
-    plan.notes[:0] = rule_notes
+    plan = _with_model_names(_plan(strategy, model_view, tensors, original), target_names)
+    plan.notes[:0] = rule_notes + layout_notes
     removed = _removed_prefixes(original)
     _materialize_transforms(plan, tensors, original)
     report = _report(plan, model_state, tensors, original, list(checkpoint), strategy, source_format, unwrapped.unwrapped_from, source_name, dry_run, removed)
@@ -110,42 +111,47 @@ def _plan(strategy: Strategy, model_state: dict, tensors: dict, original: dict[s
 
 
 def _plan_auto(model_state: dict, tensors: dict) -> Plan:
-    """Names, fused/split attention, structure, resampling: all on timm-style names when one side is
-    a ``transformers`` model (hf_layout), mapped back to the real names at the end."""
-    target_names, target_family = timm_names(list(model_state))
-    source_names, source_family = timm_names(list(tensors))
-    if target_family and source_family:  # both transformers: their own names line up best
-        target_names, source_names = {key: key for key in model_state}, {key: key for key in tensors}
-    target = {name: tuple(model_state[key].shape) for name, key in target_names.items()}
-    source = {name: tuple(tensors[key].shape) for name, key in source_names.items()}
+    """Names, fused/split attention readings, structure, then resampling what can only be resampled."""
+    target = {key: tuple(tensor.shape) for key, tensor in model_state.items()}
+    source = {key: tuple(tensor.shape) for key, tensor in tensors.items()}
     source, transforms = with_attention_readings(target, source)
     floating = lambda tensor: tensor.is_floating_point() or tensor.is_complex()
-    target_floating = {name: floating(model_state[key]) for name, key in target_names.items()}
-    source_floating = {
-        name: floating(tensors[source_names[transforms[name].sources[0] if name in transforms else name]]) for name in source
-    }
+    target_floating = {key: floating(tensor) for key, tensor in model_state.items()}
+    source_floating = {key: floating(tensors[transforms[key].sources[0] if key in transforms else key]) for key in source}
     plan = match_auto(target, source, target_floating, source_floating)
     plan.transforms.update(transforms)
     resolve_mismatches(plan, target, source)
-    if target_family or source_family:
-        side = "model" if target_family and not source_family else "checkpoint" if source_family and not target_family else "model and checkpoint"
-        plan.notes.insert(0, f"the {side} is in transformers' {target_family or source_family} layout; names were translated to timm's to match them")
-    return _real_names(plan, target_names, source_names)
+    return plan
 
 
-def _real_names(plan: Plan, target_names: dict[str, str], source_names: dict[str, str]) -> Plan:
-    """A plan over translated names, with model keys and checkpoint keys (also inside transforms) named as they really are."""
-    source_of = lambda name: name if name in plan.transforms else source_names[name]
-    used = {source for pairs in (plan.loaded, plan.mismatched, plan.held_back) for source in pairs.values()}
+def _layouts(strategy: Strategy, model_keys: list[str], renamed: dict[str, str]) -> tuple[dict[str, str], dict[str, str], list[str]]:
+    """With match="auto", a side in ``transformers``' layout gets timm's names (hf_layout) before
+    prefixes are cleaned: ``{model name used for matching: model key}``, the checkpoint's
+    ``{name: original name}``, and a note for the report."""
+    identity = {key: key for key in model_keys}
+    if strategy.kind != "auto":
+        return identity, renamed, []
+    target_names, target_family = timm_names(model_keys)
+    source_names, source_family = timm_names(list(renamed))
+    if bool(target_family) == bool(source_family):  # neither, or both transformers: their own names line up best
+        return identity, renamed, []
+    if target_family:
+        return target_names, renamed, [f"the model is in transformers' {target_family} layout; its names were translated to timm's to match the checkpoint's"]
+    return identity, {name: renamed[key] for name, key in source_names.items()}, [
+        f"the checkpoint is in transformers' {source_family} layout; its names were translated to timm's to match the model's"
+    ]
+
+
+def _with_model_names(plan: Plan, target_names: dict[str, str]) -> Plan:
+    """The plan with the model's real keys, where matching used translated ones."""
+    if all(name == key for name, key in target_names.items()):
+        return plan
     return Plan(
-        loaded={target_names[t]: source_of(s) for t, s in plan.loaded.items()},
-        mismatched={target_names[t]: source_of(s) for t, s in plan.mismatched.items()},
-        held_back={target_names[t]: source_of(s) for t, s in plan.held_back.items()},
+        loaded={target_names[t]: s for t, s in plan.loaded.items()},
+        mismatched={target_names[t]: s for t, s in plan.mismatched.items()},
+        held_back={target_names[t]: s for t, s in plan.held_back.items()},
         notes=plan.notes,
-        transforms={
-            virtual: Transform(transform.op, tuple(source_names[name] for name in transform.sources), transform.args)
-            for virtual, transform in plan.transforms.items() if virtual in used
-        },
+        transforms=plan.transforms,
     )
 
 
