@@ -19,13 +19,14 @@ from __future__ import annotations
 
 from visiontune.checkpoint.keys import WEIGHT, Shape, leaf_of, module_of, role_of
 from visiontune.checkpoint.match import Plan, ShapeMap
-from visiontune.checkpoint.transforms import ADAPT_CHANNELS, CAT, CHUNK, RESAMPLE, Transform, square_grid
+from visiontune.checkpoint.transforms import ADAPT_CHANNELS, CAT, CHUNK, RESAMPLE, RESAMPLE_TABLE, Transform, square_grid
 
 # the names of attention's three projections, one style per tuple
 _SEPARATE_STYLES = (("q", "k", "v"), ("q_proj", "k_proj", "v_proj"), ("query", "key", "value"))
 _FUSED_MODULE = "qkv"  # timm: <attn>.qkv.weight
 _FUSED_LEAF = "in_proj_"  # torchvision / nn.MultiheadAttention: <attn>.in_proj_weight
 _POSITION_LEAVES = ("pos_embed", "position_embeddings", "pos_embedding")
+_TABLE_LEAF = "relative_position_bias_table"  # Swin
 _PREFIX_TOKEN_LEAVES = ("cls_token", "class_token", "dist_token", "distillation_token", "reg_token", "register_tokens")
 
 
@@ -124,6 +125,8 @@ def resolve_mismatches(plan: Plan, target: ShapeMap, source: ShapeMap) -> None:
         transform = None
         if leaf_of(target_key) in _POSITION_LEAVES:
             transform = _resample(source_key, tuple(target[target_key]), tuple(source[source_key]), prefix_tokens, plan)
+        elif leaf_of(target_key) == _TABLE_LEAF:
+            transform = _resample_table(source_key, tuple(target[target_key]), tuple(source[source_key]))
         elif target_key == first_conv:
             transform = _adapt_channels(source_key, tuple(target[target_key]), tuple(source[source_key]))
         if transform is None:
@@ -132,7 +135,6 @@ def resolve_mismatches(plan: Plan, target: ShapeMap, source: ShapeMap) -> None:
         plan.transforms[virtual] = transform
         del plan.mismatched[target_key]
         plan.loaded[target_key] = virtual
-        plan.notes.append(f"{target_key}: {transform.describe()}")
     _release_held_back(plan)
 
 
@@ -149,6 +151,17 @@ def _resample(source_key: str, target_shape: Shape, source_shape: Shape, prefix_
             plan.notes.append(f"{source_key}: the position embedding's grid fits {len(readings)} counts of class tokens; not resampled")
         return None
     return Transform(RESAMPLE, (source_key,), readings[0])
+
+
+def _resample_table(source_key: str, target_shape: Shape, source_shape: Shape) -> Transform | None:
+    """A square window's table has (2w-1)^2 rows, one column per head."""
+    if len(target_shape) != 2 or len(source_shape) != 2 or target_shape[1] != source_shape[1]:
+        return None
+    before, after = square_grid(source_shape[0]), square_grid(target_shape[0])
+    if not before or not after or before[0] % 2 == 0 or after[0] % 2 == 0:
+        return None
+    window = lambda grid: ((grid[0] + 1) // 2, (grid[1] + 1) // 2)
+    return Transform(RESAMPLE_TABLE, (source_key,), (window(before), window(after)))
 
 
 def _adapt_channels(source_key: str, target_shape: Shape, source_shape: Shape) -> Transform | None:

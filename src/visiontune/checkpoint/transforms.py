@@ -23,7 +23,7 @@ from visiontune.errors import ConfigError, shown
 
 Shape = tuple[int, ...]
 
-CAT, CHUNK, TRANSPOSE, RESAMPLE, ADAPT_CHANNELS = "cat", "chunk", "transpose", "resample", "adapt_channels"
+CAT, CHUNK, TRANSPOSE, RESAMPLE, RESAMPLE_TABLE, ADAPT_CHANNELS = "cat", "chunk", "transpose", "resample", "resample_table", "adapt_channels"
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,8 @@ class Transform:
     - transpose: (dim0, dim1);
     - resample: (grid_before, grid_after, prefix_tokens) — an absolute position embedding
       resampled bicubically over its patch grid, class/register tokens kept (timm's own function);
+    - resample_table: (window_before, window_after) — a Swin relative position bias table
+      ((2w-1)^2, heads) for another attention window (timm's ``resize_rel_pos_bias_table``);
     - adapt_channels: (in_chans,) — an input convolution's kernels adapted to another number of
       input channels (timm's ``adapt_input_conv``: summed for 1, repeated and rescaled for more).
     """
@@ -60,6 +62,9 @@ class Transform:
         if self.op == RESAMPLE:
             _, (height, width), prefix = self.args
             return first[:1] + (prefix + height * width,) + first[2:]
+        if self.op == RESAMPLE_TABLE:
+            height, width = self.args[1]
+            return ((2 * height - 1) * (2 * width - 1),) + first[1:]
         if self.op == ADAPT_CHANNELS:
             return (first[0], self.args[0]) + first[2:]
         raise ValueError(f"unknown transform {self.op!r}")
@@ -83,6 +88,12 @@ class Transform:
 
             before, after, prefix = self.args
             return resample_abs_pos_embed(sources[0].float(), list(after), list(before), num_prefix_tokens=prefix, verbose=False).to(sources[0].dtype)
+        if self.op == RESAMPLE_TABLE:
+            from timm.layers import resize_rel_pos_bias_table  # see above
+
+            after = tuple(self.args[1])
+            new_shape = ((2 * after[0] - 1) * (2 * after[1] - 1),) + tuple(sources[0].shape[1:])
+            return resize_rel_pos_bias_table(sources[0].float(), after, new_shape, old_window_size=tuple(self.args[0])).to(sources[0].dtype)
         if self.op == ADAPT_CHANNELS:
             from timm.models import adapt_input_conv  # see above
 
@@ -103,6 +114,9 @@ class Transform:
         if self.op == RESAMPLE:
             before, after, prefix = self.args
             return f"resample({keys}, {before[0]}x{before[1]} -> {after[0]}x{after[1]} grid, {prefix} prefix tokens kept)"
+        if self.op == RESAMPLE_TABLE:
+            before, after = self.args
+            return f"resample_table({keys}, window {before[0]}x{before[1]} -> {after[0]}x{after[1]})"
         return f"adapt_channels({keys}, in_chans={self.args[0]})"
 
 
