@@ -1,4 +1,4 @@
-"""``transformers`` image classifiers <-> timm, both directions, with match="auto".
+"""``transformers`` image classifiers <-> timm and torchvision, both directions, with match="auto".
 
 Each family is a randomly initialised ``transformers`` model from a small config and the timm
 model of the same architecture; the weights of one are loaded into the other and both must give
@@ -19,6 +19,7 @@ import pytest
 torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")
+tvm = pytest.importorskip("torchvision.models")
 
 from test_checkpoint_transplant import randomize_statistics
 from timm.models import ConvNeXt, ResNet, SwinTransformer, VisionTransformer
@@ -102,11 +103,15 @@ def transplant(source, target, state=None):
 
 def assert_same(report, expected, actual):
     assert report.complete, str(report)
+    assert_same_outputs(expected, actual, str(report))
+
+
+def assert_same_outputs(expected, actual, context: str = ""):
     assert expected.abs().max() > 1e-3  # the comparison means something
     # float32 sums in another order (LayerNorm over channels first or last): ~1e-7 relative per
     # operation, a few dozen operations deep; a swapped or missing tensor changes logits by ~1e-1
     tolerance = 1e-5 * max(1.0, expected.abs().max().item())
-    assert (expected - actual).abs().max().item() <= tolerance, str(report)
+    assert (expected - actual).abs().max().item() <= tolerance, context
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -150,3 +155,37 @@ def test_report_shows_the_fused_attention_it_built(tmp_path):
     text = str(report)
     assert "built" in text and "blocks.0.attn.qkv.weight <- cat(" in text
     assert report.to_dict()["transformed"] == report.transformed
+
+
+def _tv_convnext():
+    from torchvision.models.convnext import CNBlockConfig
+
+    widths = (8, 16, 32, 64)
+    return tvm.ConvNeXt([CNBlockConfig(width, following, 1) for width, following in zip(widths, widths[1:] + (None,))], num_classes=5)
+
+
+# family -> (transformers model, torchvision model, model keys allowed to stay unloaded)
+TORCHVISION_FAMILIES = {
+    "vit": (FAMILIES["vit"][0], lambda: tvm.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=5), ()),
+    # torchvision saves Swin's relative_position_index, a buffer computed from the window, not a weight
+    "swin": (FAMILIES["swin"][0], lambda: tvm.SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=[4, 4], num_classes=5), ("relative_position_index",)),
+    "convnext": (FAMILIES["convnext"][0], _tv_convnext, ()),
+    "resnet": (lambda: T.ResNetForImageClassification(T.ResNetConfig(embedding_size=64, hidden_sizes=[64, 128, 256, 512], depths=[1, 1, 1, 1], layer_type="basic", num_labels=5)),
+               lambda: tvm.ResNet(tvm.resnet.BasicBlock, [1, 1, 1, 1], num_classes=5), ()),
+    "regnety": (lambda: T.RegNetForImageClassification(T.RegNetConfig(embedding_size=32, hidden_sizes=[48, 104, 208, 440], depths=[1, 3, 6, 6], groups_width=8, layer_type="y", num_labels=5)),
+                lambda: tvm.regnet_y_400mf(num_classes=5), ()),
+    "mobilenet_v2": (FAMILIES["mobilenet_v2"][0], lambda: tvm.mobilenet_v2(num_classes=5), ()),
+}
+
+
+@pytest.mark.parametrize("direction", ["from_transformers", "to_transformers"])
+@pytest.mark.parametrize("family", sorted(TORCHVISION_FAMILIES))
+def test_transformers_and_torchvision_exchange_checkpoints_with_identical_outputs(family, direction):
+    build_hf, build_tv, computed_buffers = TORCHVISION_FAMILIES[family]
+    source, target = (build_hf(), build_tv()) if direction == "from_transformers" else (build_tv(), build_hf())
+    report, expected, actual = transplant(source, target)
+    if computed_buffers:
+        assert not report.mismatched and all(key.endswith(computed_buffers) for key in report.missing), str(report)
+    else:
+        assert report.complete, str(report)
+    assert_same_outputs(expected, actual)

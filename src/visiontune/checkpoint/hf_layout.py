@@ -28,6 +28,7 @@ class Family:
     name: str
     prefixes: tuple[str, ...]  # the backbone attribute of the *ForImageClassification model
     rules: tuple[tuple[str, Replacement], ...]  # applied in order, each at most once per key
+    block_order: tuple[str, ...] = ()  # timm's registration order inside a block, where transformers' differs
 
 
 def _stage_block(template: str) -> Callable[[re.Match], str]:
@@ -56,6 +57,11 @@ _ATTENTION = (
     (r"\.layernorm_after\.", ".norm2."),
 )
 
+# transformers registers a block's LayerNorms after its MLP; torchvision (and timm) before each part,
+# and a Swin block's relative position table before its projections.
+# Putting translated keys in timm's order lets structure alignment pair them with torchvision's.
+_TRANSFORMER_BLOCK = ("norm1.", "attn.relative_position_bias_table", "attn.q.", "attn.k.", "attn.v.", "attn.proj.", "norm2.", "mlp.fc1.", "mlp.fc2.")
+
 FAMILIES = (
     Family("vit", ("vit.", "deit."), (
         *_FOUR_TO_FIVE,
@@ -68,7 +74,7 @@ FAMILIES = (
         (r"^(?:vit|deit)\.layernorm\.", "norm."),
         (r"^(?:classifier|cls_classifier)\.", "head."),
         (r"^distillation_classifier\.", "head_dist."),
-    )),
+    ), _TRANSFORMER_BLOCK),
     Family("swin", ("swin.",), (
         *_FOUR_TO_FIVE,
         (r"^swin\.embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
@@ -80,7 +86,7 @@ FAMILIES = (
         *_ATTENTION,
         (r"^swin\.layernorm\.", "norm."),
         (r"^classifier\.", "head.fc."),
-    )),
+    ), _TRANSFORMER_BLOCK),
     Family("convnext", ("convnext.", "convnextv2."), (
         (r"^convnext(?:v2)?\.embeddings\.patch_embeddings\.", "stem.0."),
         (r"^convnext(?:v2)?\.embeddings\.layernorm\.", "stem.1."),
@@ -150,4 +156,25 @@ def timm_names(keys: list[str]) -> tuple[dict[str, str], str | None]:
     for key in keys:
         new = translate(key, family)
         names[new if new not in names else key] = key
-    return names, family.name
+    return {name: names[name] for name in _in_block_order(list(names), family.block_order)}, family.name
+
+
+_BLOCK = re.compile(r"^(.*\.blocks\.\d+\.|blocks\.\d+\.)(.*)$")
+
+
+def _in_block_order(names: list[str], block_order: tuple[str, ...]) -> list[str]:
+    """Keys of one block sorted by ``block_order`` (stable), blocks and other keys where they were."""
+    if not block_order:
+        return names
+
+    def rank(name: str) -> tuple[int, int]:
+        found = _BLOCK.match(name)
+        if not found:
+            return (0, 0)
+        return (0, next((index for index, part in enumerate(block_order) if found.group(2).startswith(part)), len(block_order)))
+
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        found = _BLOCK.match(name)
+        groups.setdefault(found.group(1) if found else name, []).append(name)
+    return [name for members in groups.values() for name in sorted(members, key=rank)]

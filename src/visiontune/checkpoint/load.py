@@ -61,7 +61,7 @@ def load_weights(model, source, match="auto", dry_run: bool = False, allow_unsaf
 
     plan = _with_model_names(_plan(strategy, model_view, tensors, original), target_names)
     plan.notes[:0] = rule_notes + layout_notes
-    removed = _removed_prefixes(original)
+    removed = _removed_prefixes(cleaned)  # by cleaning only, not by rules or layout translation
     _materialize_transforms(plan, tensors, original)
     report = _report(plan, model_state, tensors, original, list(checkpoint), strategy, source_format, unwrapped.unwrapped_from, source_name, dry_run, removed)
     if not plan.loaded:

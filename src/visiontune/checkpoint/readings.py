@@ -72,14 +72,12 @@ def _fused_tensors(shapes: ShapeMap) -> dict[tuple[str, str], str]:
 def _fuse(target: ShapeMap, source: ShapeMap) -> tuple[ShapeMap, dict[str, Transform]]:
     uses_in_proj = any(leaf_of(key).startswith(_FUSED_LEAF) for key in target)
     transforms: dict[str, Transform] = {}
-    first_part: dict[str, str] = {}
     for (parent, leaf), parts in _separate_triplets(source).items():
         virtual = f"{parent}.{_FUSED_LEAF}{leaf}" if uses_in_proj else f"{parent}.{_FUSED_MODULE}.{leaf}"
-        if virtual in source:
-            continue
-        transforms[virtual] = Transform(CAT, parts, (0,))
-        first_part[parts[0]] = virtual
-    return _replace(source, transforms, first_part), transforms
+        if virtual not in source:
+            transforms[virtual] = Transform(CAT, parts, (0,))
+    # each fused tensor where its query part was: q.weight, q.bias -> qkv.weight, qkv.bias
+    return _replace(source, transforms, {virtual: transform.sources[0] for virtual, transform in transforms.items()}), transforms
 
 
 def _split(target: ShapeMap, source: ShapeMap) -> tuple[ShapeMap, dict[str, Transform]]:
@@ -87,27 +85,27 @@ def _split(target: ShapeMap, source: ShapeMap) -> tuple[ShapeMap, dict[str, Tran
     if len(styles) != 1:
         return source, {}
     transforms: dict[str, Transform] = {}
-    first_part: dict[str, str] = {}
-    for (parent, leaf), fused in _fused_tensors(source).items():
-        for index, name in enumerate(styles[0]):
+    anchor: dict[str, str] = {}
+    fused = _fused_tensors(source)
+    first_of_parent: dict[str, str] = {}
+    for (parent, _), key in fused.items():
+        first_of_parent.setdefault(parent, key)
+    for index, name in enumerate(styles[0]):  # part-major: q.weight, q.bias, k.weight, ... so each part is one unit
+        for (parent, leaf), key in fused.items():
             virtual = f"{parent}.{name}.{leaf}" if parent else f"{name}.{leaf}"
-            if virtual in source:
-                break
-            transforms[virtual] = Transform(CHUNK, (fused,), (3, index, 0))
-        else:
-            first_part[fused] = f"{parent}.{styles[0][0]}.{leaf}" if parent else f"{styles[0][0]}.{leaf}"
-            continue
-        for name in styles[0]:  # a name already taken: this fused tensor is not split at all
-            transforms.pop(f"{parent}.{name}.{leaf}" if parent else f"{name}.{leaf}", None)
-    return _replace(source, transforms, first_part), transforms
+            if virtual not in source:
+                transforms[virtual] = Transform(CHUNK, (key,), (3, index, 0))
+                anchor[virtual] = first_of_parent[parent]
+    return _replace(source, transforms, anchor), transforms
 
 
-def _replace(source: ShapeMap, transforms: dict[str, Transform], first_part: dict[str, str]) -> ShapeMap:
-    """The source map with each transform's inputs replaced by its outputs, placed where the first input was."""
+def _replace(source: ShapeMap, transforms: dict[str, Transform], anchor: dict[str, str]) -> ShapeMap:
+    """The source map with each transform's inputs replaced by its outputs, placed at its anchor key
+    (in the order of ``transforms``)."""
     consumed = {name for transform in transforms.values() for name in transform.sources}
     outputs_at: dict[str, list[str]] = {}
-    for virtual, transform in transforms.items():
-        outputs_at.setdefault(transform.sources[0], []).append(virtual)
+    for virtual in transforms:
+        outputs_at.setdefault(anchor[virtual], []).append(virtual)
     result: ShapeMap = {}
     for key, shape in source.items():
         for virtual in outputs_at.get(key, []):
