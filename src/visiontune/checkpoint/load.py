@@ -11,6 +11,8 @@ import logging
 import os
 from pathlib import Path
 
+from torch import nn
+
 from visiontune.checkpoint.align import match_auto
 from visiontune.checkpoint.clean import clean_keys
 from visiontune.checkpoint.finite import require_finite
@@ -27,13 +29,15 @@ from visiontune.checkpoint.match import (
 )
 from visiontune.checkpoint.readings import resolve_mismatches, with_attention_readings
 from visiontune.checkpoint.report import LoadReport
+from visiontune.checkpoint.trace import build_source_model, dataflow_order, reorder
 from visiontune.checkpoint.unwrap import unwrap
 from visiontune.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
 
-def load_weights(model, source, match="auto", dry_run: bool = False, allow_unsafe: bool = False, prefer_ema: bool = False) -> LoadReport:
+def load_weights(model, source, match="auto", dry_run: bool = False, allow_unsafe: bool = False, prefer_ema: bool = False,
+                 source_model=None) -> LoadReport:
     """Fill ``model``'s tensors from ``source`` and return a :class:`LoadReport` of what happened.
 
     ``source``: a checkpoint path (``.pth``/``.pt``/``.bin``/``.ckpt`` read with
@@ -42,6 +46,9 @@ def load_weights(model, source, match="auto", dry_run: bool = False, allow_unsaf
     ``{model_key: checkpoint_key or None}``, a list of ``(regex, replacement or None)`` rules, or
     the path of a YAML/JSON file holding either. ``allow_unsafe`` permits unpickling arbitrary
     objects (a whole saved model); ``prefer_ema`` picks EMA weights when a checkpoint has both.
+    ``source_model``: the architecture the checkpoint was saved from (a torchvision name, ``timm:NAME``,
+    or the model itself; a model passed as ``source`` counts too): with ``match="auto"`` both models
+    are traced and their tensors aligned in data-flow order (see :mod:`.trace`).
 
     A tensor whose shape cannot fit is never loaded; it is reported. Raises CheckpointError when
     nothing fits, leaving the model untouched; so does ``dry_run=True``, always.
@@ -58,9 +65,14 @@ def load_weights(model, source, match="auto", dry_run: bool = False, allow_unsaf
     cleaned = clean_keys(list(renamed_by_rules), list(model_view))  # cleaned name -> name after rules
     original = {new: renamed_by_rules[old] for new, old in cleaned.items()}  # cleaned name -> name in the file
     tensors = {new: checkpoint[name] for new, name in original.items()}
+    trace_notes = []
+    if source_model is None and isinstance(source, nn.Module):
+        source_model = source
+    if strategy.kind == "auto" and source_model is not None:
+        model_view, tensors, trace_notes = _in_dataflow_order(model, source_model, model_view, tensors, target_names)
 
     plan = _with_model_names(_plan(strategy, model_view, tensors, original), target_names)
-    plan.notes[:0] = rule_notes + layout_notes
+    plan.notes[:0] = rule_notes + layout_notes + trace_notes
     removed = _removed_prefixes(cleaned)  # by cleaning only, not by rules or layout translation
     _materialize_transforms(plan, tensors, original)
     report = _report(plan, model_state, tensors, original, list(checkpoint), strategy, source_format, unwrapped.unwrapped_from, source_name, dry_run, removed)
@@ -122,6 +134,26 @@ def _plan_auto(model_state: dict, tensors: dict) -> Plan:
     plan.transforms.update(transforms)
     resolve_mismatches(plan, target, source)
     return plan
+
+
+def _in_dataflow_order(model, source_model, model_view: dict, tensors: dict, target_names: dict[str, str]) -> tuple[dict, dict, list[str]]:
+    """Both sides' tensors in the data-flow order of their traced models (trace.py), or unchanged with a note why not."""
+    label = source_model if isinstance(source_model, str) else type(source_model).__name__
+    if isinstance(source_model, str):
+        source_model = build_source_model(source_model)
+    if not isinstance(source_model, nn.Module):
+        raise CheckpointError(f"source_model must be a model or a model name, not {type(source_model).__name__}.")
+    source_keys = set(source_model.state_dict())
+    if sum(key in source_keys for key in tensors) * 2 < len(tensors):
+        return model_view, tensors, [f"the checkpoint's names are mostly not those of source model {label}; its tensors were aligned in stored order"]
+    target_order, source_order = dataflow_order(model), dataflow_order(source_model)
+    if target_order is None or source_order is None:
+        which = "the model" if target_order is None else f"source model {label}"
+        return model_view, tensors, [f"{which} could not be traced with torch.fx; tensors were aligned in registration order"]
+    view_of = {key: name for name, key in target_names.items()}
+    model_view = {view_of[key]: model_view[view_of[key]] for key in reorder(dict.fromkeys(target_names.values()), target_order)}
+    tensors = {key: tensors[key] for key in reorder(dict.fromkeys(tensors), source_order)}
+    return model_view, tensors, [f"both models were traced (source model {label}): tensors were aligned in data-flow order"]
 
 
 def _layouts(strategy: Strategy, model_keys: list[str], renamed: dict[str, str]) -> tuple[dict[str, str], dict[str, str], list[str]]:
