@@ -57,11 +57,25 @@ def dataflow_order(model) -> list[str] | None:
 
 
 def reorder(shapes: dict, order: list[str]) -> dict:
-    """``shapes`` with keys grouped by module in ``order``; tensors of modules the trace never
-    reached (an unused auxiliary head) follow at the end in their own order."""
+    """``shapes`` with keys grouped by module in ``order``. A key belongs to its nearest traced
+    ancestor (a leaf module owning tensors may hold sub-modules, as torchvision's Swin attention
+    holds its ``qkv``); a tensor no traced module owns (a class token on the model itself, an
+    auxiliary head the trace never reached) stays right after the key it followed."""
     rank = {name: index for index, name in enumerate(order)}
-    keyed = sorted(enumerate(shapes), key=lambda item: (rank.get(module_of(item[1]), len(rank)), item[0]))
-    return {key: shapes[key] for _, key in keyed}
+
+    def owner_rank(key: str) -> int | None:
+        module = module_of(key)
+        while module not in rank and module:
+            module = module_of(module)
+        return rank.get(module)
+
+    ranks, previous = [], -1
+    for key in shapes:
+        found = owner_rank(key)
+        previous = found if found is not None else previous
+        ranks.append(previous)
+    keyed = sorted(zip(ranks, range(len(ranks)), shapes), key=lambda item: item[:2])
+    return {key: shapes[key] for _, _, key in keyed}
 
 
 def build_source_model(name: str):
