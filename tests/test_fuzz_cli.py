@@ -393,6 +393,7 @@ TRAIN_VALUE_FLAGS = {
     "--optimizer": ["sgd", "lion"], "--augment": ["trivial", "randaugment", "none"], "--on-bad-image": ["error"],
     "--device": ["cuda", "mps", "cpu:0"], "--precision": ["bf16", "fp16", "fp8"], "--feature-cache": [
         "disk", "memory", "off"], "--model": corpus.MODEL_NAMES, "--nproc": ["1"],
+    "--source-model": ["timm:test_resnet", "resnet18", "no_such_net"],
 }
 PATH_FLAGS = ("--data", "--out", "--weights", "--config", "--resume")
 ALL_TRAIN_FLAGS = sorted(TRAIN_VALUE_FLAGS) + list(PATH_FLAGS) + ["--balance", "--no-balance", "--sync-bn",
@@ -616,7 +617,7 @@ def test_fuzz_convert(world):
     """A valid conversion with one or two of its parts made hostile: the checkpoint, the model name,
     --out (its own input included: issue 11 item 5), the --match rules file, --num-classes, flags."""
     before = len(world.failures)
-    parts = ["checkpoint", "model", "out", "match", "num-classes", "flags"]
+    parts = ["checkpoint", "model", "out", "match", "num-classes", "flags", "source-model"]
 
     @examples(world, 20)
     @given(st.data())
@@ -646,6 +647,8 @@ def test_fuzz_convert(world):
             argv += data.draw(st.lists(st.sampled_from(flags), unique=True, min_size=1, max_size=3), label="flags")
         if "num-classes" in hostile:
             argv += ["--num-classes", data.draw(flag_values("--num-classes", ["1", "3", "1000000000"]), label="n")]
+        if "source-model" in hostile:
+            argv += ["--source-model", data.draw(flag_values("--source-model", ["timm:test_resnet", "resnet18", "no_such_net", "a:b:c"]), label="source")]
         run_case(c, argv, exit_1_ok="--strict" in argv)
 
     case()

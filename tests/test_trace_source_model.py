@@ -103,3 +103,19 @@ def test_a_source_model_that_does_not_fit_the_checkpoint_is_noted_and_an_unknown
     assert "mostly not those of source model" in " ".join(report.notes)
     with pytest.raises(CheckpointError, match="could not be built"):
         load_weights(Renamed(), Block(shortcut_first=True).state_dict(), source_model="no_such_net_42")
+
+
+@pytest.mark.slow
+def test_convert_takes_a_source_model(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from visiontune.cli import main
+
+    checkpoint = tmp_path / "regnet.safetensors"
+    save_file(tvm.regnet_y_400mf().state_dict(), str(checkpoint))
+    code = main(["convert", str(checkpoint), "--model", "timm:regnety_004", "--source-model", "regnet_y_400mf", "--dry-run"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "would load 384 of 384 model tensors" in printed, printed
+    assert "data-flow order" in printed
+    assert main(["convert", str(checkpoint), "--model", "timm:regnety_004", "--source-model", "no_such_net_42", "--dry-run"]) == 2

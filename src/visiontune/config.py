@@ -111,6 +111,9 @@ class TrainConfig:
     compile: bool = field(default=False, metadata=_option("torch.compile the model (slow to start; opt-in)"))
     out: str | None = field(default=None, metadata=_option(
         "run folder to create (default: runs/<model>-<timestamp>)", metavar="RUN"))
+    source_model: str | None = field(default=None, metadata=_option(
+        "with --weights FILE: the architecture the file was saved from (e.g. regnet_y_400mf, timm:regnety_004); "
+        "both models are traced and their tensors paired by data flow", metavar="NAME"))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -84,13 +84,15 @@ def build_units(shapes: ShapeMap, floating: dict[str, bool]) -> list[Unit]:
 
     for key in shapes:
         role = role_of(key)
+        # the integer counter may come first (safetensors files store tensors grouped by dtype)
+        numbers = next((other for other in current if role_of(other) != NUM_BATCHES), None)
         starts_new = (
             not current
             or role == OTHER
             or role_of(current[-1]) == OTHER
             or module_of(key) != module_of(current[-1])
             or role in {role_of(other) for other in current}
-            or (role != NUM_BATCHES and floating.get(key, True) != floating.get(current[0], True))
+            or (role != NUM_BATCHES and numbers is not None and floating.get(key, True) != floating.get(numbers, True))
         )
         if starts_new:
             close()

@@ -26,6 +26,9 @@ def register(subparsers) -> None:
     parser.add_argument("--match", default="auto", metavar="auto|name|order|FILE",
                         help="how to pair tensors: auto (names, then structure; default), name, order, "
                         "or a YAML/JSON file with a {model_key: checkpoint_key} mapping or [pattern, replacement] rules")
+    parser.add_argument("--source-model", metavar="NAME", default=None,
+                        help="the architecture the checkpoint was saved from (e.g. regnet_y_400mf or timm:regnety_004): "
+                        "with --match auto both models are traced and paired by data flow, not registration order")
     parser.add_argument("--out", metavar="OUT", help="where to write the weights (.safetensors or .pth); required unless --dry-run")
     parser.add_argument("--dry-run", action="store_true", help="print the report only; write nothing")
     parser.add_argument("--strict", action="store_true", help="fail (exit 1, write nothing) if any model tensor is not filled")
@@ -55,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--num-classes must be at least 1, got {num_classes}.")
     model = create_model(args.model, num_classes=num_classes, weights=None)
     report = load_weights(model, args.checkpoint, match=args.match, dry_run=args.dry_run,
-                          allow_unsafe=args.allow_unsafe, prefer_ema=args.ema)
+                          allow_unsafe=args.allow_unsafe, prefer_ema=args.ema, source_model=args.source_model)
     print(json.dumps(report.to_dict(), indent=2) if args.json else str(report))
     if args.strict and not report.complete:
         left_out = len(report.missing) + len(report.mismatched)

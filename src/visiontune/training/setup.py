@@ -141,7 +141,7 @@ def build_model(config: TrainConfig, num_classes: int) -> tuple[nn.Module, dict 
     model = create.create_model(config.model, num_classes=num_classes, weights=_builtin_weights(config.weights))
     if not is_weights_file(config.weights):
         return model, None
-    report = load_weights(model, Path(config.weights).expanduser())
+    report = load_weights(model, Path(config.weights).expanduser(), source_model=config.source_model)
     log.info("%s", report)
     return model, report.to_dict()
 
