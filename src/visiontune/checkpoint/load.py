@@ -60,7 +60,9 @@ def load_weights(model, source, match="auto", dry_run: bool = False, allow_unsaf
     model_state = model.state_dict()
 
     renamed_by_rules, rule_notes = _rules_step(strategy, list(checkpoint))
+    before_layout = renamed_by_rules
     target_names, renamed_by_rules, layout_notes = _layouts(strategy, list(model_state), renamed_by_rules)
+    translated = {name for name, key in renamed_by_rules.items() if before_layout.get(name) != key}
     model_view = {name: model_state[key] for name, key in target_names.items()}  # the same tensors, maybe other names
     cleaned = clean_keys(list(renamed_by_rules), list(model_view))  # cleaned name -> name after rules
     original = {new: renamed_by_rules[old] for new, old in cleaned.items()}  # cleaned name -> name in the file
@@ -75,7 +77,8 @@ def load_weights(model, source, match="auto", dry_run: bool = False, allow_unsaf
     plan.notes[:0] = rule_notes + layout_notes + trace_notes
     removed = _removed_prefixes(cleaned)  # by cleaning only, not by rules or layout translation
     _materialize_transforms(plan, tensors, original)
-    report = _report(plan, model_state, tensors, original, list(checkpoint), strategy, source_format, unwrapped.unwrapped_from, source_name, dry_run, removed)
+    translated = {new for new, name in cleaned.items() if name in translated}
+    report = _report(plan, model_state, tensors, original, list(checkpoint), strategy, source_format, unwrapped.unwrapped_from, source_name, dry_run, removed, translated)
     if not plan.loaded:
         raise CheckpointError(_nothing_fits_message(source_name, strategy, model_state, checkpoint))
     _reject_wrong_kinds(model_state, tensors, plan.loaded, original, source_name)
@@ -200,7 +203,8 @@ def _materialize_transforms(plan: Plan, tensors: dict, original: dict[str, str])
             original[virtual] = transform.describe(original)
 
 
-def _report(plan: Plan, model_state, tensors, original, checkpoint_keys, strategy, source_format, unwrapped_from, source_name, dry_run, removed) -> LoadReport:
+def _report(plan: Plan, model_state, tensors, original, checkpoint_keys, strategy, source_format, unwrapped_from, source_name, dry_run, removed,
+            translated: set[str]) -> LoadReport:
     used = {
         original[name]
         for source in [*plan.loaded.values(), *plan.mismatched.values()]
@@ -213,7 +217,8 @@ def _report(plan: Plan, model_state, tensors, original, checkpoint_keys, strateg
         mismatched={
             target: (tuple(model_state[target].shape), tuple(tensors[source].shape)) for target, source in plan.mismatched.items()
         },
-        renamed={target: original[source] for target, source in plan.loaded.items() if target != source and source not in plan.transforms},
+        renamed={target: original[source] for target, source in plan.loaded.items()
+                 if (target != source or source in translated) and source not in plan.transforms},
         transformed={target: original[source] for target, source in plan.loaded.items() if source in plan.transforms},
         source_format=source_format,
         unwrapped_from=unwrapped_from,

@@ -73,7 +73,9 @@ class LoadReport:
         lines = [f"{verb} {len(self.loaded)} of {total} model tensors from {self.source} ({self.source_format}{wrapper}; match={self.match})"]
         lines.append(self._row(verb, self._patterns(self.loaded, self.model_keys), len(self.loaded)))
         if self.transformed:
-            lines.append(self._pairs_row("built", [f"{t} <- {s}" for t, s in self.transformed.items()]))
+            # the rare steps (a resampled embedding, adapted channels) first, so they are not hidden behind many cats
+            built = sorted(self.transformed.items(), key=lambda pair: pair[1].startswith(("cat(", "chunk(")))
+            lines.append(self._pairs_row("built", [f"{t} <- {s}" for t, s in built]))
         if self.renamed:
             lines.append(self._pairs_row("renamed", [f"{t} <- {s}" for t, s in self.renamed.items()]))
         if self.mismatched:
