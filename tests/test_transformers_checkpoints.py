@@ -189,3 +189,30 @@ def test_transformers_and_torchvision_exchange_checkpoints_with_identical_output
     else:
         assert report.complete, str(report)
     assert_same_outputs(expected, actual)
+
+
+def _dinov2_pair():
+    source = T.Dinov2ForImageClassification(T.Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8, num_labels=5))
+    # timm's DINOv2 backbone: layer scale, class token pooled; no head (transformers' reads [cls, mean patch])
+    target = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=4.0, num_classes=0, init_values=1.0)
+    return source, target
+
+
+@pytest.mark.parametrize("direction", ["from_transformers", "to_transformers"])
+def test_dinov2_backbone_loads_both_ways_with_identical_features(direction):
+    hf, tm = _dinov2_pair()
+    hf.eval(), tm.eval()
+    randomize_statistics(tm)  # its layer scales (ls*.gamma), so a swapped one shows
+    with torch.no_grad():
+        for name, parameter in hf.named_parameters():
+            if name.endswith("lambda1"):  # transformers' layer scales
+                parameter.copy_(torch.rand(parameter.shape, generator=torch.Generator().manual_seed(len(name))) + 0.5)
+    source, target = (hf, tm) if direction == "from_transformers" else (tm, hf)
+    report = load_weights(target, source.state_dict())
+    if direction == "from_transformers":
+        assert report.complete and set(report.unexpected) == {"dinov2.embeddings.mask_token", "classifier.weight", "classifier.bias"}, str(report)
+    else:
+        assert set(report.missing) == {"dinov2.embeddings.mask_token", "classifier.weight", "classifier.bias"}, str(report)
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert_same_outputs(hf.dinov2(pixel_values=images).pooler_output, tm(images), str(report))

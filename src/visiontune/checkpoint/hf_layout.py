@@ -75,6 +75,18 @@ FAMILIES = (
         (r"^(?:classifier|cls_classifier)\.", "head."),
         (r"^distillation_classifier\.", "head_dist."),
     ), _TRANSFORMER_BLOCK),
+    Family("dinov2", ("dinov2.",), (
+        *_FOUR_TO_FIVE,
+        (r"^dinov2\.embeddings\.cls_token$", "cls_token"),
+        (r"^dinov2\.embeddings\.position_embeddings$", "pos_embed"),
+        (r"^dinov2\.embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
+        (r"^dinov2\.(?:encoder\.layer|layers)\.(\d+)\.", r"blocks.\1."),
+        (r"\.layer_scale([12])\.lambda1$", r".ls\1.gamma"),
+        *_ATTENTION,
+        (r"^dinov2\.layernorm\.", "norm."),
+        # transformers' classifier reads the class token and the mean patch token side by side; timm has no such head
+        (r"^classifier\.", "head."),
+    )),
     Family("swin", ("swin.",), (
         *_FOUR_TO_FIVE,
         (r"^swin\.embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
