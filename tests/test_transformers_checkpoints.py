@@ -203,10 +203,11 @@ def test_dinov2_backbone_loads_both_ways_with_identical_features(direction):
     hf, tm = _dinov2_pair()
     hf.eval(), tm.eval()
     randomize_statistics(tm)  # its layer scales (ls*.gamma), so a swapped one shows
+    generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for name, parameter in hf.named_parameters():
-            if name.endswith("lambda1"):  # transformers' layer scales
-                parameter.copy_(torch.rand(parameter.shape, generator=torch.Generator().manual_seed(len(name))) + 0.5)
+            if name.endswith("lambda1"):  # transformers' layer scales, each different
+                parameter.copy_(torch.rand(parameter.shape, generator=generator) + 0.5)
     source, target = (hf, tm) if direction == "from_transformers" else (tm, hf)
     report = load_weights(target, source.state_dict())
     if direction == "from_transformers":
