@@ -23,6 +23,7 @@ tvm = pytest.importorskip("torchvision.models")
 
 from test_checkpoint_transplant import randomize_statistics
 from timm.models import ConvNeXt, ResNet, SwinTransformer, VisionTransformer
+from timm.models.beit import Beit
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.resnet import BasicBlock, Bottleneck
 
@@ -43,6 +44,9 @@ _CONVNEXT = dict(num_stages=4, hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1]
 FAMILIES = {
     "vit": (lambda: T.ViTForImageClassification(T.ViTConfig(**_vit_config())), lambda: VisionTransformer(**_TIMM_VIT)),
     "deit": (lambda: T.DeiTForImageClassificationWithTeacher(T.DeiTConfig(**_vit_config())), lambda: VisionTransformerDistilled(**_TIMM_VIT)),
+    # BEiT without relative position bias (its tiny default); timm's Beit pools the mean patch token as transformers does
+    "beit": (lambda: T.BeitForImageClassification(T.BeitConfig(**_vit_config())),
+             lambda: Beit(**_TIMM_VIT, init_values=0.1, use_abs_pos_emb=False, use_rel_pos_bias=False, use_shared_rel_pos_bias=False, global_pool="avg")),
     "convnext": (lambda: T.ConvNextForImageClassification(T.ConvNextConfig(**_CONVNEXT)),
                  lambda: ConvNeXt(depths=(1, 1, 1, 1), dims=(8, 16, 32, 64), num_classes=5)),
     "convnextv2": (lambda: T.ConvNextV2ForImageClassification(T.ConvNextV2Config(**_CONVNEXT)),
@@ -81,7 +85,7 @@ def to_transformers_4x(state: dict) -> dict:
     """5.x names back to 4.x: the inverse of transformers' own "ViTModel" conversion renames."""
     renamed = {}
     for key, tensor in state.items():
-        key = re.sub(r"^(vit|deit)\.layers\.", r"\1.encoder.layer.", key)
+        key = re.sub(r"^(vit|deit|beit)\.layers\.", r"\1.encoder.layer.", key)
         for new, old in (("attention.q_proj", "attention.attention.query"), ("attention.k_proj", "attention.attention.key"),
                          ("attention.v_proj", "attention.attention.value"), ("attention.o_proj", "attention.output.dense"),
                          ("mlp.fc1", "intermediate.dense"), ("mlp.fc2", "output.dense")):
@@ -90,10 +94,23 @@ def to_transformers_4x(state: dict) -> dict:
     return renamed
 
 
+def randomize_scales(model, seed: int = 3) -> None:
+    """Layer scales the shared helper does not know by name (BEiT's gamma_1/lambda_1, DINOv2's
+    lambda1) made distinct, and a near-zero head (timm's BEiT starts at 0.001 scale) made visible."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if re.search(r"(gamma_\d|lambda_\d|lambda1)$", name):
+                parameter.copy_(torch.rand(parameter.shape, generator=generator) + 0.5)
+            elif re.search(r"(^|\.)(head|classifier)\.weight$", name):
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
+
+
 def transplant(source, target, state=None):
     torch.manual_seed(0)
     source.eval(), target.eval()
     randomize_statistics(source)
+    randomize_scales(source)
     report = load_weights(target, state if state is not None else source.state_dict(), match="auto")
     copy_norm_eps(source, target)
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
@@ -130,7 +147,7 @@ def test_timm_checkpoint_loads_into_transformers_with_identical_outputs(family):
     assert_same(report, expected, actual)
 
 
-@pytest.mark.parametrize("family", ["vit", "deit"])
+@pytest.mark.parametrize("family", ["vit", "deit", "beit"])
 def test_transformers_4x_names_load_too(family):
     build_hf, build_timm = FAMILIES[family]
     source = build_hf()
@@ -203,11 +220,7 @@ def test_dinov2_backbone_loads_both_ways_with_identical_features(direction):
     hf, tm = _dinov2_pair()
     hf.eval(), tm.eval()
     randomize_statistics(tm)  # its layer scales (ls*.gamma), so a swapped one shows
-    generator = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, parameter in hf.named_parameters():
-            if name.endswith("lambda1"):  # transformers' layer scales, each different
-                parameter.copy_(torch.rand(parameter.shape, generator=generator) + 0.5)
+    randomize_scales(hf)  # transformers' (lambda1)
     source, target = (hf, tm) if direction == "from_transformers" else (tm, hf)
     report = load_weights(target, source.state_dict())
     if direction == "from_transformers":

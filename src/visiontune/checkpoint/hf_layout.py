@@ -75,6 +75,19 @@ FAMILIES = (
         (r"^(?:classifier|cls_classifier)\.", "head."),
         (r"^distillation_classifier\.", "head_dist."),
     ), _TRANSFORMER_BLOCK),
+    Family("beit", ("beit.",), (
+        *_FOUR_TO_FIVE,
+        (r"^beit\.embeddings\.cls_token$", "cls_token"),
+        (r"^beit\.embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
+        (r"^beit\.layers\.(\d+)\.", r"blocks.\1."),
+        (r"\.lambda_([12])$", r".gamma_\1"),
+        *_ATTENTION,
+        # BEiT's key projection has no bias: timm keeps the query and value biases apart
+        (r"\.attn\.q\.bias$", ".attn.q_bias"),
+        (r"\.attn\.v\.bias$", ".attn.v_bias"),
+        (r"^beit\.pooler\.layernorm\.", "fc_norm."),
+        (r"^classifier\.", "head."),
+    ), _TRANSFORMER_BLOCK),
     Family("dinov2", ("dinov2.",), (
         *_FOUR_TO_FIVE,
         (r"^dinov2\.embeddings\.cls_token$", "cls_token"),
