@@ -119,3 +119,18 @@ def test_convert_takes_a_source_model(tmp_path, capsys):
     assert "would load 384 of 384 model tensors" in printed, printed
     assert "data-flow order" in printed
     assert main(["convert", str(checkpoint), "--model", "timm:regnety_004", "--source-model", "no_such_net_42", "--dry-run"]) == 2
+
+
+@pytest.mark.slow
+def test_training_set_up_passes_the_source_model_to_load_weights(tmp_path):
+    from safetensors.torch import save_file
+
+    from visiontune.config import TrainConfig
+    from visiontune.training.setup import build_model
+
+    checkpoint = tmp_path / "regnet.safetensors"
+    save_file(tvm.regnet_y_400mf().state_dict(), str(checkpoint))
+    config = TrainConfig(model="timm:regnety_004", weights=str(checkpoint), source_model="regnet_y_400mf")
+    _, report = build_model(config, num_classes=5)
+    assert all(key.startswith("head.fc.") for key in report["missing"] + list(report["mismatched"])), report["missing"]
+    assert any("data-flow order" in note for note in report["notes"])
