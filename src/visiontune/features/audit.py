@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from visiontune.errors import ConfigError
-from visiontune.features.probe import PROBE_STEPS, fit_linear_probe
+from visiontune.features.probe import fit_linear_probe
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,11 @@ _AUDIT_EXTRA = "the audit needs cleanlab; install it with: pip install 'visiontu
 # (1e-4): with noisy labels a nearly unregularised probe fits the flipped labels of its training
 # folds, and its over-confident probabilities blur confident learning's per-class thresholds.
 AUDIT_WEIGHT_DECAY = 1e-2
+# L-BFGS iterations per out-of-fold probe. The probes only rank images, so they stop early: on the
+# benchmark (1,807 digits, 1,280 features) 30 iterations flag the flips as well as 200 (precision
+# 0.86 / recall 0.83 vs 0.85 / 0.83) at a sixth of the CPU time; the fit is most of an audit's
+# time once the features are cached.
+AUDIT_PROBE_STEPS = 30
 # cleanlab's rule for a label issue: "both" flags an image only when both of its confident-learning
 # rules agree (pruned by the estimated noise rate, and off the confident joint's diagonal). On the
 # benchmark (real digits, 8 % flipped) it raised precision from 0.75 to 0.85 at recall 0.83 over the
@@ -84,7 +89,7 @@ def stratified_folds(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
 
 
 def out_of_fold_probabilities(features: torch.Tensor, labels: np.ndarray, num_classes: int, *, folds: int = 5,
-                              seed: int = 0, steps: int = PROBE_STEPS, weight_decay: float = AUDIT_WEIGHT_DECAY,
+                              seed: int = 0, steps: int = AUDIT_PROBE_STEPS, weight_decay: float = AUDIT_WEIGHT_DECAY,
                               device: torch.device | str = "cpu") -> np.ndarray:
     """(N, C) class probabilities, each row from a probe fitted without that image's fold."""
     fold_of = stratified_folds(labels, folds, seed)
