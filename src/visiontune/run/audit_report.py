@@ -130,7 +130,7 @@ _STYLE = """body{font-family:system-ui,sans-serif;margin:1.5rem;max-width:80rem;
 h1{margin-bottom:.2rem}.leak{border:3px solid #c00;padding:.5rem 1rem;background:#fff0f0}
 .leak h2{color:#c00}.grid{display:flex;flex-wrap:wrap;gap:.6rem}
 figure{margin:0;width:8.5rem;font-size:.75rem;overflow-wrap:anywhere}figure img{display:block}
-.group{border:1px solid #ccc;padding:.3rem;margin:.3rem 0;display:flex;flex-wrap:wrap;gap:.4rem}
+.group{border:1px solid #ccc;padding:.3rem;display:flex;flex-wrap:wrap;gap:.4rem}
 table{border-collapse:collapse;font-size:.85rem}th,td{border:1px solid #ddd;padding:.2rem .5rem}
 th{cursor:pointer;background:#f4f4f4}td.num{text-align:right}"""
 
@@ -146,7 +146,7 @@ rows.forEach(function(r){b.appendChild(r);});});});"""
 def audit_html(result: AuditResult) -> str:
     counts = result.counts
     head = (f"<h1>visiontune audit</h1><p>{counts['images']} images ({counts['train']} train, {counts['val']} val), "
-            f"{len(result.classes)} classes; flagged: {counts['leak']} leaked, {counts['label']} likely mislabelled, "
+            f"{len(result.classes)} classes; flagged: {len(result.leaks)} train/val leaks ({counts['leak']} images), {counts['label']} likely mislabelled, "
             f"{counts['duplicate']} duplicated, {counts['outlier']} outliers; clean.csv keeps {counts['kept']}.</p>")
     sections = [_leak_section(result), _label_section(result), _duplicate_section(result), _outlier_section(result),
                 _class_section(result), _table_section(result), _settings_section(result)]
@@ -160,6 +160,7 @@ def _leak_section(result: AuditResult) -> str:
     if not result.leaks:
         return "<section><h2>Leakage</h2><p>No image of the validation set has a copy in the training set.</p></section>"
     groups = "".join(_group(result, group) for group in result.leaks[:MAX_SHOWN])
+    groups = f"<div class=\"grid\">{groups}</div>"
     return (f"<section class=\"leak\"><h2>Leakage: {len(result.leaks)} validation image(s) with a copy in training"
             f"</h2><p>Validation scores these images after training on their copies, so its accuracy is too high. "
             f"clean.csv drops the training copies.</p>{groups}</section>")
@@ -177,7 +178,8 @@ def _label_section(result: AuditResult) -> str:
 def _duplicate_section(result: AuditResult) -> str:
     groups = [group for group in result.duplicates if not group["leak"]]
     shown = "".join(_group(result, group) for group in groups[:MAX_SHOWN])
-    return f"<section><h2>Duplicates within a split ({len(groups)} groups)</h2>{shown}</section>"
+    return (f"<section><h2>Duplicates within a split ({len(groups)} groups)</h2><div class=\"grid\">{shown}</div>"
+            "</section>")
 
 
 def _outlier_section(result: AuditResult) -> str:
