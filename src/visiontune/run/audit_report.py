@@ -131,7 +131,8 @@ h1{margin-bottom:.2rem}.leak{border:3px solid #c00;padding:.5rem 1rem;background
 .leak h2{color:#c00}.grid{display:flex;flex-wrap:wrap;gap:.6rem}
 figure{margin:0;width:8.5rem;font-size:.75rem;overflow-wrap:anywhere}figure img{display:block}
 .group{border:1px solid #ccc;padding:.3rem;display:flex;flex-wrap:wrap;gap:.4rem}
-table{border-collapse:collapse;font-size:.85rem}th,td{border:1px solid #ddd;padding:.2rem .5rem}
+section{overflow-x:auto}table{border-collapse:collapse;font-size:.85rem}
+th,td{border:1px solid #ddd;padding:.2rem .5rem;overflow-wrap:anywhere}
 th{cursor:pointer;background:#f4f4f4}td.num{text-align:right}"""
 
 _SORT_SCRIPT = """document.querySelectorAll('table.sortable th').forEach(function(th,col){
