@@ -488,6 +488,41 @@ def test_fuzz_lr_find(world):
     _report(world, before)
 
 
+def test_fuzz_audit(world):
+    """``audit`` with one or two hostile parts: the data, --out, the model or weights, a (damaged)
+    --run instead of --model, or a flag's value (--folds, --image-size, --batch-size, --val-split)."""
+    before = len(world.failures)
+    flags = {"--folds": ["1", "2", "13", "100000"], "--image-size": ["8", "100000"], "--batch-size": ["1", "100000"],
+             "--val-split": ["0.999", "1e-9"], "--seed": ["1"], "--device": ["cuda", "cpu:0"]}
+
+    @examples(world, 10)
+    @given(st.data())
+    def case(data):
+        c = Case(world)
+        hostile = data.draw(st.lists(st.sampled_from(["data", "out", "model", "run", "flags"]), min_size=1,
+                                     max_size=2, unique=True), label="hostile")
+        target = c.paths[data.draw(st.sampled_from(corpus.PATH_CHOICES), label="data")] if "data" in hostile \
+            else str(world.data)
+        argv = ["audit", "--data", target, "--device", "cpu", "--image-size", "32", "--batch-size", "4"]
+        if "run" in hostile:
+            argv += ["--run", _run_argv(c, data, ["run"])]
+        elif "model" in hostile:
+            argv += ["--model", data.draw(st.sampled_from(corpus.MODEL_NAMES), label="model"), "--weights",
+                     data.draw(st.sampled_from(["none", "DEFAULT", "checkpoint"]), label="weights")]
+            if argv[-1] == "checkpoint":
+                argv[-1] = c.checkpoint(data.draw(st.sampled_from(corpus.CHECKPOINT_KINDS), label="kind"))
+        else:
+            argv += ["--model", "timm:test_resnet", "--weights", "none"]
+        out = data.draw(st.sampled_from(["missing", "a_file", "empty_dir", "proc", "unicode_dir", "victim_link"]),
+                        label="out") if "out" in hostile else "fresh"
+        argv += ["--out", c.output(out)]
+        argv += _extras(data, flags) if "flags" in hostile else []
+        run_case(c, argv)
+
+    case()
+    _report(world, before)
+
+
 def _run_argv(c: Case, data: st.DataObject, hostile: list[str]) -> str:
     """The good run folder, or (when "run" is hostile) a damaged one or one of the hostile paths."""
     if "run" not in hostile:

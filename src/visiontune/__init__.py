@@ -44,6 +44,8 @@ _EXPORTS = {
     "lr_find": "visiontune.training.lr_finder",
     "select_backbone": "visiontune.training.select",
     "write_report": "visiontune.run.report_html",
+    "audit": "visiontune.training.audit",
+    "AuditResult": "visiontune.run.audit_report",
     # errors
     "VisiontuneError": "visiontune.errors",
 }
