@@ -44,6 +44,7 @@ _EXPORTS = {
     "lr_find": "visiontune.training.lr_finder",
     "select_backbone": "visiontune.training.select",
     "write_report": "visiontune.run.report_html",
+    "explain": "visiontune.run.explain",
     # errors
     "VisiontuneError": "visiontune.errors",
 }
