@@ -188,7 +188,8 @@ def _what_was_trained(report: dict) -> str:
             words.append("(stopped early)")
     best = report.get("best_epoch")
     environment = report.get("environment") if isinstance(report.get("environment"), dict) else {}
-    where = ", ".join(escape(environment[key]) for key in ("device", "precision") if is_scalar(environment.get(key)))
+    where = ", ".join(escape(environment[key]) for key in ("device", "precision")
+                      if environment.get(key) is not None and is_scalar(environment[key]))
     sentence = " ".join(words) + (f" on {where}" if where else "") + "."
     return sentence + (f" The best validation accuracy came at epoch {escape(best)}." if isinstance(best, int) else "")
 
