@@ -156,6 +156,11 @@ def test_label_and_method_mistakes_are_one_line(tiny_run, tmp_path, capsys):
     (tmp_path / "a_file").write_text("x")
     assert main(["explain", "--run", str(run_dir), image, "--out", str(tmp_path / "a_file")]) == 2
     assert "is a file" in capsys.readouterr().err
+    (tmp_path / "bad.png").write_bytes(b"not a picture")  # skipped and named, the others explained
+    assert main(["explain", "--run", str(run_dir), str(tmp_path / "bad.png"), image, "--out", str(tmp_path / "o"),
+                 "--method", "eigencam"]) == 0
+    assert "skipped unreadable image" in capsys.readouterr().err
+    assert [entry["path"] for entry in json.loads((tmp_path / "o" / "explanations.json").read_text())["images"]] == [image]
     with pytest.raises(VisiontuneError, match="unknown CAM method 'magic'"):
         explain(run_dir, [image], tmp_path / "o", methods=["magic"])
 

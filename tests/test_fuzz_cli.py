@@ -552,6 +552,30 @@ def test_fuzz_predict(world):
     _report(world, before)
 
 
+def test_fuzz_explain(world):
+    before = len(world.failures)
+
+    @examples(world, 8)
+    @given(st.data())
+    def case(data):
+        c = Case(world)
+        hostile = _hostile_parts(data, ["paths", "out", "flags"])
+        run = _run_argv(c, data, hostile)
+        paths = [c.paths[k] for k in data.draw(st.lists(st.sampled_from(corpus.PATH_CHOICES), min_size=1,
+                                                        max_size=2), label="paths")] if "paths" in hostile \
+            else [str(world.data / "val" / "red")]
+        out = c.output(data.draw(st.sampled_from(["missing", "a_file", "empty_dir", "proc", "unicode_dir",
+                                                  "victim_link"]), label="out")) if "out" in hostile \
+            else c.output("missing")
+        extra = _extras(data, {"--method": ["eigencam", "scorecam", "magic"], "--label": ["red", "purple", ""],
+                               "--batch-size": ["1", "100000"], "--checkpoint": ["last", "worst"]}) \
+            if "flags" in hostile else []
+        run_case(c, ["explain", "--run", run, *paths, "--out", out, "--device", "cpu", *extra])
+
+    case()
+    _report(world, before)
+
+
 def test_fuzz_report(world):
     before = len(world.failures)
 

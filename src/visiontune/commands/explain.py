@@ -4,6 +4,7 @@ with a trained run's model, for the predicted and, when known, the true class.""
 from __future__ import annotations
 
 import argparse
+import sys
 
 from visiontune.commands.common import add_run_arguments
 
@@ -31,8 +32,10 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from visiontune.run.explain import explain
 
-    entries = explain(args.run, args.paths, args.out, methods=args.method, label=args.label,
-                      checkpoint=args.checkpoint, device=args.device, batch_size=args.batch_size)
+    entries, skipped = explain(args.run, args.paths, args.out, methods=args.method, label=args.label,
+                               checkpoint=args.checkpoint, device=args.device, batch_size=args.batch_size)
+    for item in skipped:
+        print(f"skipped unreadable image {item['path']}: {item['reason']}", file=sys.stderr)
     for entry in entries:
         truth = f"  (true: {entry['label']})" if entry["label"] is not None else ""
         print(f"{entry['path']}  {entry['predicted']}  {entry['confidence']:.1%}{truth}")

@@ -286,12 +286,13 @@ def explain_images(run: LoadedRun, images: Sequence[Image.Image], labels: Sequen
 
 def explain(run: str | Path | LoadedRun, images: Sequence[str | Path] | str | Path, out: str | Path,
             methods: Sequence[str] = DEFAULT_METHODS, label: str | None = None, checkpoint: str = "best",
-            device: str = "cpu", batch_size: int = 16) -> list[dict]:
+            device: str = "cpu", batch_size: int = 16) -> tuple[list[dict], list[dict]]:
     """Write class-activation overlays of image files (or folders of them) into the folder ``out``:
     per image ``NNN-NAME.input.png`` (the crop the model saw) and one PNG per map
     (``NNN-NAME.gradcam.predicted.png``, ``...gradcam.true.png``, ``...eigencam.png``), plus
     ``explanations.json`` listing them with the predictions. The true class is ``label``, else the
-    image's folder when that is one of the run's classes. Returns the index's entries."""
+    image's folder when that is one of the run's classes. Returns ``(entries, skipped)``: the index's
+    entries and the unreadable images (``{"path", "reason"}``); none readable is a DataError."""
     methods = check_methods(methods)
     import_grad_cam()
     loaded = run if isinstance(run, LoadedRun) else load_run(run, checkpoint=checkpoint, device=device)
@@ -309,7 +310,8 @@ def explain(run: str | Path | LoadedRun, images: Sequence[str | Path] | str | Pa
             try:
                 decoded.append((index, path, load_image(path)))
             except BadImageError as error:
-                log.warning("skipping unreadable image %s (%s)", path, error.reason)
+                # info: the caller gets ``skipped`` and the CLI prints each once
+                log.info("skipping unreadable image %s (%s)", path, error.reason)
                 skipped.append({"path": str(path), "reason": error.reason})
         if not decoded:
             continue
@@ -324,7 +326,7 @@ def explain(run: str | Path | LoadedRun, images: Sequence[str | Path] | str | Pa
     index = {"run": str(loaded.run_dir), "target_layer": target.name, "methods": list(methods),
              "images": entries, "skipped": skipped}
     write_text_atomically(out / INDEX_FILE, json.dumps(index, indent=2, ensure_ascii=False) + "\n")
-    return entries
+    return entries, skipped
 
 
 def _write_maps(out: Path, stem: str, result: ImageMaps) -> dict:
