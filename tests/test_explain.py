@@ -13,6 +13,7 @@ from conftest import make_image_folder
 from PIL import Image
 from torch import nn
 
+import visiontune
 from visiontune.cli import main
 from visiontune.errors import VisiontuneError
 from visiontune.model.create import create_model
@@ -79,7 +80,8 @@ def test_gradcam_of_a_planted_pattern_peaks_where_it_was_planted():
     # whole range. 0.5 leaves room for grad-cam's bilinear rescale (a no-op at equal size) and rounding.
     assert red.shape == (16, 16) and red[inside].min() > 0.5 and red[~inside].max() < 0.5
     assert green[~inside].min() > 0.5 and green[inside].max() < 0.5
-    # the gradient-free map sees the square too (the features' main direction separates it)
+    # the gradient-free map sees the square too: the features' main direction separates it; its sign
+    # is the SVD's choice (it may differ between BLAS builds), so either region may be the bright one
     eigen = compute_cams(model, target, _planted(), [0], "eigencam")[0]
     assert abs(eigen[inside].mean() - eigen[~inside].mean()) > 0.5
 
@@ -102,6 +104,34 @@ def test_a_vit_is_read_at_its_last_blocks_norm_on_the_patch_grid():
     picture = np.full((size, size, 3), 0.5, dtype=np.float32)
     drawn = overlay(picture, cams[0])
     assert drawn.shape == (size, size, 3) and drawn.dtype == np.uint8
+
+
+class _ToChannelsLast(nn.Module):
+    def forward(self, maps):
+        return maps.permute(0, 2, 3, 1)
+
+
+class _ChannelsLastNet(nn.Module):
+    """Ends in a (batch, height, width, channels) map, as torchvision's Swin does (no output_fmt)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.stage = nn.Conv2d(4, 6, 3, stride=2, padding=1)
+        self.permute = _ToChannelsLast()
+        self.norm = nn.LayerNorm(6)
+        self.fc = nn.Linear(6, 2)
+
+    def forward(self, images):
+        return self.fc(self.norm(self.permute(self.stage(self.stem(images)))).mean(dim=(1, 2)))
+
+
+def test_a_channels_last_map_is_transposed():
+    model = _ChannelsLastNet().eval()
+    target = find_target_layer(model, 16)
+    assert target.name == "norm" and target.layout == "NHWC" and target.grid == (8, 8)
+    cams = compute_cams(model, target, torch.randn(2, 3, 16, 16), [0, 1], "gradcam")
+    assert cams.shape == (2, 16, 16)
 
 
 def test_explain_images_of_a_vit_run_in_memory():
@@ -163,6 +193,8 @@ def test_label_and_method_mistakes_are_one_line(tiny_run, tmp_path, capsys):
     assert [entry["path"] for entry in json.loads((tmp_path / "o" / "explanations.json").read_text())["images"]] == [image]
     with pytest.raises(VisiontuneError, match="unknown CAM method 'magic'"):
         explain(run_dir, [image], tmp_path / "o", methods=["magic"])
+    entries, skipped = visiontune.explain(run_dir, image, tmp_path / "api", methods=["gradcam"], label="green")
+    assert not skipped and entries[0]["label"] == "green" and "gradcam predicted" in entries[0]["files"]
 
 
 @pytest.mark.slow  # the shared 1-epoch run: about 7 s the first time

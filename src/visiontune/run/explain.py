@@ -119,7 +119,7 @@ def find_target_layer(model: nn.Module, image_size: int, anatomy: Anatomy | None
             continue
         module = model.get_submodule(name)
         if len(shape) == 4:
-            nhwc = getattr(model, "output_fmt", "NCHW") == "NHWC"
+            nhwc = _channels_last(model, shape)
             grid = (shape[1], shape[2]) if nhwc else (shape[2], shape[3])
             layer = TargetLayer(name, "NHWC" if nhwc else "NCHW", grid)
             if grid[0] * grid[1] > 1:
@@ -133,6 +133,15 @@ def find_target_layer(model: nn.Module, image_size: int, anatomy: Anatomy | None
         return fallback
     raise ModelError(f"found no layer with a spatial feature map before the head of {anatomy.name} "
                      f"(looked at {', '.join(names[-4:]) or 'nothing'}); class-activation maps need one")
+
+
+def _channels_last(model: nn.Module, shape: tuple[int, ...]) -> bool:
+    """True for a (batch, height, width, channels) map: timm says so (``output_fmt``); otherwise the
+    square grid of the square input tells (torchvision's Swin has no such attribute)."""
+    declared = getattr(model, "output_fmt", None)
+    if isinstance(declared, str):
+        return declared == "NHWC"
+    return shape[2] != shape[3] and shape[1] == shape[2]
 
 
 def _token_layer(model: nn.Module, name: str, shape: tuple[int, ...]) -> TargetLayer | None:
