@@ -291,6 +291,7 @@ def test_the_page_reads_top_down(tmp_path):
     headline = page.sections["headline"]
     assert "75.0%" in headline and "0.600" in headline and "1 min 23 s" in headline
     assert "Fine-tuned resnet18 from weights init.safetensors with the gradual strategy for 2 epochs" in headline
+    assert "Phases: full for 2 epochs." in headline  # from metrics.csv
     assert "word-break:break-all" not in text  # captions wrap between words ...
     assert '<span class="nowrap">(90% sure)</span>' in text  # ... and never inside "90% sure"
     assert ".scroll{overflow-x:auto" in text and "img{max-width:100%" in text  # phone width

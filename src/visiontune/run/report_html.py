@@ -100,7 +100,7 @@ def build_report(run_dir: str | Path, max_wrong: int = MAX_WRONG, overlays: bool
     classes = read_json(run_file(run_dir, "classes.json"), list) or []
     audit = read_json(run_file(run_dir, AUDIT_FILE), dict)
     sections = [
-        ("headline", "Result", _headline_section(report)),
+        ("headline", "Result", _headline_section(report, read_csv(run_file(run_dir, "metrics.csv")) or [])),
         ("curves", "Learning curves", _curves_section(run_dir)),
         ("confusion", "Confusion matrix", _confusion_section(run_dir, report, classes)),
         ("per-class", "Per-class precision and recall", _per_class_section(report)),
@@ -153,7 +153,7 @@ def _subtitle(report: dict, classes: list) -> str:
     return " &middot; ".join(parts) or "visiontune run"
 
 
-def _headline_section(report: dict) -> str:
+def _headline_section(report: dict, epochs: list[dict]) -> str:
     final = report.get("final") if isinstance(report.get("final"), dict) else {}
     accuracy = to_float(final.get("accuracy", report.get("best_val_accuracy")))
     macro_f1 = to_float(final.get("macro_f1"))
@@ -166,7 +166,7 @@ def _headline_section(report: dict) -> str:
         return missing("report.json")
     html_cards = "".join(f'<div class="card"><b>{escape(value)}</b><span>{escape(what)}</span></div>'
                          for value, what in cards)
-    return f'<div class="cards">{html_cards}</div>\n<p>{_what_was_trained(report)}</p>'
+    return f'<div class="cards">{html_cards}</div>\n<p>{_what_was_trained(report)}{_phases(epochs)}</p>'
 
 
 def _what_was_trained(report: dict) -> str:
@@ -192,6 +192,21 @@ def _what_was_trained(report: dict) -> str:
                       if environment.get(key) is not None and is_scalar(environment[key]))
     sentence = " ".join(words) + (f" on {where}" if where else "") + "."
     return sentence + (f" The best validation accuracy came at epoch {escape(best)}." if isinstance(best, int) else "")
+
+
+def _phases(epochs: list[dict]) -> str:
+    """" Phases: head for 1 epoch, then full for 2." from metrics.csv's phase column."""
+    runs: list[list] = []  # [phase, epochs] in order
+    for row in epochs:
+        phase = row.get("phase") or "?"
+        if runs and runs[-1][0] == phase:
+            runs[-1][1] += 1
+        else:
+            runs.append([phase, 1])
+    if not runs:
+        return ""
+    parts = [f"<b>{escape(phase)}</b> for {count} epoch{'s' if count != 1 else ''}" for phase, count in runs]
+    return " Phases: " + ", then ".join(parts) + "."
 
 
 def _duration(seconds: float) -> str:
