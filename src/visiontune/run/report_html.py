@@ -195,7 +195,7 @@ def _what_was_trained(report: dict) -> str:
 
 
 def _phases(epochs: list[dict]) -> str:
-    """" Phases: head for 1 epoch, then full for 2." from metrics.csv's phase column."""
+    """The phases in order, from metrics.csv's phase column: "Phases: head for 1 epoch, then full for 2"."""
     runs: list[list] = []  # [phase, epochs] in order
     for row in epochs:
         phase = row.get("phase") or "?"
