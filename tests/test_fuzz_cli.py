@@ -787,7 +787,7 @@ def test_in_process_capture_sees_what_a_real_process_prints(world):
 
 # -- sweeps: every item of a corpus list at least once (hypothesis above samples combinations) -------
 
-SWEEP_COMMANDS = ["evaluate", "predict --checkpoint last", "report", "export", "train --resume"]
+SWEEP_COMMANDS = ["evaluate", "predict --checkpoint last", "report", "export", "train --resume", "explain"]
 
 
 def _sweep_argv(command: str, c: Case) -> tuple[list[str], bool]:
@@ -799,6 +799,7 @@ def _sweep_argv(command: str, c: Case) -> tuple[list[str], bool]:
         "export": (["export", "--run", run, "--format", "torchscript"], True),
         "train --resume": (["train", "--resume", run, "--quiet", "--epochs", "2"], True),
         "train --resume (finished)": (["train", "--resume", run, "--quiet"], True),
+        "explain": (["explain", "--run", run, data, "--out", str(c.out / "why"), "--device", "cpu"], False),
     }[command]
 
 
