@@ -588,6 +588,30 @@ def test_fuzz_predict(world):
     _report(world, before)
 
 
+def test_fuzz_explain(world):
+    before = len(world.failures)
+
+    @examples(world, 8)
+    @given(st.data())
+    def case(data):
+        c = Case(world)
+        hostile = _hostile_parts(data, ["paths", "out", "flags"])
+        run = _run_argv(c, data, hostile)
+        paths = [c.paths[k] for k in data.draw(st.lists(st.sampled_from(corpus.PATH_CHOICES), min_size=1,
+                                                        max_size=2), label="paths")] if "paths" in hostile \
+            else [str(world.data / "val" / "red")]
+        out = c.output(data.draw(st.sampled_from(["missing", "a_file", "empty_dir", "proc", "unicode_dir",
+                                                  "victim_link"]), label="out")) if "out" in hostile \
+            else c.output("missing")
+        extra = _extras(data, {"--method": ["eigencam", "scorecam", "magic"], "--label": ["red", "purple", ""],
+                               "--batch-size": ["1", "100000"], "--checkpoint": ["last", "worst"]}) \
+            if "flags" in hostile else []
+        run_case(c, ["explain", "--run", run, *paths, "--out", out, "--device", "cpu", *extra])
+
+    case()
+    _report(world, before)
+
+
 def test_fuzz_report(world):
     before = len(world.failures)
 
@@ -801,7 +825,7 @@ def test_in_process_capture_sees_what_a_real_process_prints(world):
 
 # -- sweeps: every item of a corpus list at least once (hypothesis above samples combinations) -------
 
-SWEEP_COMMANDS = ["evaluate", "predict --checkpoint last", "report", "export", "train --resume"]
+SWEEP_COMMANDS = ["evaluate", "predict --checkpoint last", "report", "export", "train --resume", "explain"]
 
 
 def _sweep_argv(command: str, c: Case) -> tuple[list[str], bool]:
@@ -813,6 +837,7 @@ def _sweep_argv(command: str, c: Case) -> tuple[list[str], bool]:
         "export": (["export", "--run", run, "--format", "torchscript"], True),
         "train --resume": (["train", "--resume", run, "--quiet", "--epochs", "2"], True),
         "train --resume (finished)": (["train", "--resume", run, "--quiet"], True),
+        "explain": (["explain", "--run", run, data, "--out", str(c.out / "why"), "--device", "cpu"], False),
     }[command]
 
 

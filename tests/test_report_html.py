@@ -1,4 +1,5 @@
-"""RUN/report.html: every section, every image inlined and decodable, text escaped, offline."""
+"""RUN/report.html: read top-down (headline first, reference folded last), every image inlined and
+decodable, text escaped, offline, readable at phone width; Grad-CAM overlays in the gallery."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import json
 from html.parser import HTMLParser
 from pathlib import Path
 
+import sys
+
 import pytest
 from conftest import make_image, make_image_folder
 from PIL import Image
@@ -17,7 +20,9 @@ from visiontune.cli import main
 from visiontune.errors import VisiontuneError
 from visiontune.run.report_html import write_report
 
-SECTIONS = ("summary", "configuration", "load-report", "curves", "confusion", "per-class", "most-wrong")
+# page order; "audit" only when the run folder holds an audit.json
+SECTIONS = ("headline", "curves", "confusion", "per-class", "most-wrong", "summary", "configuration", "load-report")
+FOLDED = ("summary", "configuration", "load-report")
 CLASSES = ["cat", "dog", "<b>bird</b>"]  # a name that must be escaped
 
 
@@ -30,15 +35,32 @@ class _Page(HTMLParser):
         self.images: list[dict] = []
         self.external: list[str] = []
         self.tags: list[str] = []
+        self.order: list[str] = []  # section ids in page order
+        self.folded: set[str] = set()  # sections whose content sits inside <details>
+        self.meta: list[dict] = []
+        self.title = ""
+        self.h1 = ""
         self._section: str | None = None
         self._text: list[str] = []
+        self._in: str | None = None  # "title" or "h1" while inside one
+        self._first_child = False
         self.feed(text)
 
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
         self.tags.append(tag)
+        if self._first_child and tag != "section":  # a folded section is one <details> holding it all
+            if tag == "details":
+                self.folded.add(self._section)
+            self._first_child = False
         if tag == "section":
             self._section, self._text = attrs["id"], []
+            self.order.append(attrs["id"])
+            self._first_child = True
+        if tag == "meta":
+            self.meta.append(attrs)
+        if tag in ("title", "h1"):
+            self._in = tag
         if tag == "img":
             self.images.append({**attrs, "section": self._section})
         for name in ("src", "href"):
@@ -46,11 +68,17 @@ class _Page(HTMLParser):
                 self.external.append(attrs[name])
 
     def handle_endtag(self, tag):
+        if tag in ("title", "h1"):
+            self._in = None
         if tag == "section":
-            self.sections[self._section] = " ".join(self._text)
+            self.sections[self._section] = "".join(self._text)
             self._section = None
 
     def handle_data(self, data):
+        if self._in == "title":
+            self.title += data
+        if self._in == "h1":
+            self.h1 += data
         if self._section:
             self._text.append(data)
 
@@ -68,8 +96,11 @@ def _fake_run(root: Path, *, wrong: int = 3) -> Path:
     (run / "config.yaml").write_text(f"data: {data}\nmodel: resnet18\nweights: init.safetensors\nlr: 0.001\n")
     (run / "classes.json").write_text(json.dumps(CLASSES))
     per_class = {name: {"precision": 0.5, "recall": 0.75, "f1": 0.6, "support": 4} for name in CLASSES}
-    report = {"model": "resnet18", "weights": "init.safetensors", "best_val_accuracy": 0.75, "best_epoch": 2,
-              "final": {"accuracy": 0.75, "per_class": per_class, "confusion": [[3, 1, 0], [0, 4, 0], [1, 1, 2]]},
+    report = {"model": "resnet18", "weights": "init.safetensors", "strategy": "gradual", "best_val_accuracy": 0.75,
+              "best_epoch": 2, "epochs_completed": 2, "epochs_planned": 2, "timings": {"train_and_val_seconds": 83.0},
+              "data": {"train_images": 12, "val_images": 6},
+              "final": {"accuracy": 0.75, "macro_f1": 0.6, "per_class": per_class,
+                        "confusion": [[3, 1, 0], [0, 4, 0], [1, 1, 2]]},
               "weights_load_report": {  # visiontune.checkpoint.LoadReport.to_dict()
                   "source": "init.safetensors", "match": "auto",
                   "loaded": {f"layer{i}.weight": f"layer{i}.weight" for i in range(100)},
@@ -151,7 +182,7 @@ def test_missing_files_say_not_available_and_plots_are_redrawn_from_data(tmp_pat
         (run / name).unlink()
     page = _Page(write_report(run).read_text())
     assert set(SECTIONS) <= set(page.sections) and not page.images
-    for section in ("summary", "load-report", "curves", "confusion", "per-class", "most-wrong"):
+    for section in ("headline", "summary", "load-report", "curves", "confusion", "per-class", "most-wrong"):
         assert "not available" in page.sections[section], section
     assert "not available" not in page.sections["configuration"]
 
@@ -229,8 +260,13 @@ def test_report_of_a_real_run(tiny_run):
     assert set(SECTIONS) <= set(page.sections)
     sections = [image["section"] for image in page.images]
     assert sections.count("curves") == 1 and sections.count("confusion") == 1
-    assert sections.count("most-wrong") == min(wrong, 24)
-    assert len(_decoded_images(page)) == len(page.images) and not page.external
+    # each misclassified image: its thumbnail, and Grad-CAM for the predicted and for the true class
+    assert sections.count("most-wrong") == 3 * min(wrong, 24)
+    decoded = _decoded_images(page)
+    assert len(decoded) == len(page.images) and not page.external
+    overlays = [image for image, info in zip(decoded, page.images) if info.get("class") == "cam"]
+    assert len(overlays) == 2 * min(wrong, 24) and all(image.size == (32, 32) for image in overlays)  # the crop
+    assert "overlays left out" not in page.sections["most-wrong"]
     assert all(name in page.sections["per-class"] for name in ("blue", "green", "red"))
     assert "resnet18" in page.sections["configuration"] and "best_val_accuracy" in page.sections["summary"]
     assert "no weights file was loaded" in page.sections["load-report"]  # --weights none
@@ -241,3 +277,42 @@ def test_a_swapped_report_json_leaves_its_sections_out(tmp_path):
     (run / "report.json").write_text(json.dumps(["not", "a", "report"]))  # a list where a dict belongs
     page = _Page(write_report(run).read_text())
     assert "report.json" in page.sections["summary"]  # named as not available, not a crash
+
+
+def test_the_page_reads_top_down(tmp_path):
+    """Title once, the headline and curves first, reference material last and folded."""
+    run = _fake_run(tmp_path)
+    text = write_report(run).read_text()
+    page = _Page(text)
+    assert page.order == list(SECTIONS) and page.folded == set(FOLDED)
+    assert page.title.count("run") == 1 and "resnet18" in page.title  # the folder's name once, not "run run"
+    assert page.h1 == "run"
+    assert {"name": "viewport", "content": "width=device-width, initial-scale=1"} in page.meta
+    headline = page.sections["headline"]
+    assert "75.0%" in headline and "0.600" in headline and "1 min 23 s" in headline
+    assert "Fine-tuned resnet18 from weights init.safetensors with the gradual strategy for 2 epochs" in headline
+    assert "Phases: full for 2 epochs." in headline  # from metrics.csv
+    assert "word-break:break-all" not in text  # captions wrap between words ...
+    assert '<span class="nowrap">(90% sure)</span>' in text  # ... and never inside "90% sure"
+    assert ".scroll{overflow-x:auto" in text and "img{max-width:100%" in text  # phone width
+
+
+def test_an_audit_json_adds_its_counts_after_the_gallery(tmp_path):
+    run = _fake_run(tmp_path)
+    (run / "audit.json").write_text(json.dumps({"counts": {"label": 3, "duplicate": 2, "leak": 1, "outlier": 0},
+                                                "images": 40}))
+    page = _Page(write_report(run).read_text())
+    assert page.order.index("audit") == page.order.index("most-wrong") + 1
+    audit = page.sections["audit"]
+    assert "label3" in audit and "leak1" in audit and "outlier0" in audit and "audit.html" in audit
+    (run / "audit.json").write_text("[1, 2]")  # damaged: its section is left out, no crash
+    assert "audit" not in _Page(write_report(run).read_text()).order
+
+
+def test_without_grad_cam_the_gallery_says_why_it_has_no_overlays(tmp_path, monkeypatch):
+    run = _fake_run(tmp_path, wrong=2)
+    monkeypatch.setitem(sys.modules, "pytorch_grad_cam", None)  # import now fails, as when not installed
+    page = _Page(write_report(run).read_text())
+    wrong = page.sections["most-wrong"]
+    assert "Grad-CAM overlays left out" in wrong and "pip install 'visiontune[explain]'" in wrong
+    assert [image["section"] for image in page.images].count("most-wrong") == 2  # the thumbnails stay

@@ -46,6 +46,7 @@ _EXPORTS = {
     "write_report": "visiontune.run.report_html",
     "audit": "visiontune.training.audit",
     "AuditResult": "visiontune.run.audit_report",
+    "explain": "visiontune.run.explain",
     # errors
     "VisiontuneError": "visiontune.errors",
 }

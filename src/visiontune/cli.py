@@ -32,6 +32,7 @@ COMMAND_MODULES = (
     "lr_find",
     "report",
     "audit",
+    "explain",
 )
 
 

@@ -13,10 +13,11 @@ from visiontune.commands.common import add_run_folder_argument
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "report",
-        help="write RUN/report.html: config, curves, confusion matrix, worst mistakes",
-        description="Build one self-contained HTML page (images inlined, opens offline) from a run folder: its "
-        "configuration, the pretrained weights' load report, learning curves, confusion matrix, per-class "
-        "precision/recall and the validation images it got most wrong.",
+        help="write RUN/report.html: result, curves, confusion matrix, worst mistakes with Grad-CAM",
+        description="Build one self-contained HTML page (images inlined, opens offline, readable on a phone) from "
+        "a run folder: the headline result, learning curves, confusion matrix, per-class precision/recall, the "
+        "validation images it got most wrong (with Grad-CAM overlays when grad-cam is installed), the audit's "
+        "counts if RUN/audit.json exists, and, folded, the configuration and the weights' load report.",
     )
     add_run_folder_argument(parser)
     parser.add_argument("--out", metavar="FILE", help="where to write (default: RUN/report.html)")

@@ -23,7 +23,14 @@ from pathlib import Path
 from visiontune.atomic_io import write_bytes_atomically
 from visiontune.features.store import cache_root
 
-os.environ.setdefault("MPLCONFIGDIR", str(cache_root() / "matplotlib"))
+
+def point_matplotlib_config_into_cache() -> None:
+    """Set ``MPLCONFIGDIR`` (unless set) before matplotlib is first imported, here or by a library
+    that imports it (grad-cam does): its font cache then lands in visiontune's cache folder."""
+    os.environ.setdefault("MPLCONFIGDIR", str(cache_root() / "matplotlib"))
+
+
+point_matplotlib_config_into_cache()
 
 # Below the environment variable on purpose: matplotlib reads MPLCONFIGDIR when it is first imported.
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
