@@ -31,6 +31,7 @@ COMMAND_MODULES = (
     "export",
     "lr_find",
     "report",
+    "shard",
 )
 
 

@@ -111,6 +111,12 @@ class TrainConfig:
     compile: bool = field(default=False, metadata=_option("torch.compile the model (slow to start; opt-in)"))
     out: str | None = field(default=None, metadata=_option(
         "run folder to create (default: runs/<model>-<timestamp>)", metavar="RUN"))
+    val_data: str | None = field(default=None, metadata=_option(
+        "a separate validation source (a folder, a CSV manifest, WebDataset shards or hf:PATH); the whole of --data "
+        "then trains", metavar="SOURCE"))
+    epoch_samples: int | None = field(default=None, metadata=_option(
+        "streamed shards: training samples per epoch, over all processes (default: all the samples the shards' "
+        "classes.json counts)", low=1))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

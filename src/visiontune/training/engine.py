@@ -21,6 +21,7 @@ import torch
 
 from visiontune import distributed
 from visiontune.config import TrainConfig, config_from_dict, validate
+from visiontune.data.sources import is_local_path
 from visiontune.device import EVAL_PRECISION, out_of_memory_error
 from visiontune.errors import CheckpointError, ConfigError
 from visiontune.run.folder import (LAST_CHECKPOINT, capture_rng_state, check_run_dir, default_run_dir,
@@ -111,7 +112,9 @@ def _train(config: TrainConfig, *, overwrite: bool, reporter: Reporter | None, c
     if config.out is None:
         config.out = distributed.broadcast_object(str(default_run_dir(config.model)))  # rank 0's timestamp
     # Absolute paths in the saved config, so that --resume works from any directory.
-    config.data = str(Path(config.data).expanduser().absolute())
+    for name in ("data", "val_data"):  # shard URLs and hf: names stay as given
+        if is_local_path(getattr(config, name)):
+            setattr(config, name, str(Path(getattr(config, name)).expanduser().absolute()))
     if is_weights_file(config.weights):
         config.weights = str(Path(config.weights).expanduser().absolute())
     run_dir = Path(config.out)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 # Modules rather than their functions: tests replace data.fits_in_memory and create.create_model there.
 from visiontune import data, distributed
@@ -25,6 +25,8 @@ from visiontune.checkpoint import load_weights
 from visiontune.checkpoint.suffixes import has_weight_suffix
 from visiontune.config import TrainConfig
 from visiontune.data.datasets import require_trainable
+from visiontune.data.samples import DatasetSplit
+from visiontune.data.sources import source_kind, streamed_datasets
 from visiontune.features.store import cache_root
 from visiontune.device import (Precision, configure_threads, default_workers, prefers_channels_last, resolve_device,
                                resolve_precision)
@@ -192,9 +194,11 @@ def build_loss(config: TrainConfig, train_targets: list[int], num_classes: int) 
 
 
 def _build_datasets(config: TrainConfig, memory_budget: MemoryBudget):
-    split = data.discover(config.data, val_split=config.val_split, seed=config.seed)
     preprocessing = resolve_run_preprocessing(config)
     train_transform, eval_transform = data.build_transforms(preprocessing, config.augment)
+    if source_kind(config.data) == "shards":
+        return (*_streamed(config, train_transform, eval_transform), preprocessing)
+    split = data.discover(config.data, val_split=config.val_split, seed=config.seed)
     total = len(split.train) + len(split.val)
     if data.fits_in_memory(total, preprocessing.resize_size, memory_budget):
         memory_budget.claim(data.decoded_bytes(total, preprocessing.resize_size), "decoded images")
@@ -217,7 +221,23 @@ def _build_datasets(config: TrainConfig, memory_budget: MemoryBudget):
     return split, train_set, val_set, val_samples, bad, preprocessing
 
 
+def _streamed(config: TrainConfig, train_transform, eval_transform):
+    """Training shards streamed (data/shards.py): nothing is listed, decoded ahead or cached."""
+    streamed = streamed_datasets(config.data, config.val_data, train_transform, eval_transform, seed=config.seed,
+                                 epoch_samples=config.epoch_samples, rank=distributed.rank(),
+                                 world=distributed.world_size(), on_bad_image=config.on_bad_image,
+                                 balance=config.balance)
+    split = DatasetSplit(streamed.classes, [], [], source="shards", split_info=streamed.split_info)
+    return split, streamed.train_set, streamed.val_set, streamed.val_samples, streamed.bad
+
+
 def _train_loader(dataset: Dataset, config: TrainConfig, workers: int, device: torch.device) -> DataLoader:
+    if isinstance(dataset, IterableDataset):
+        # The stream splits itself between processes and workers and orders each epoch by its
+        # set_epoch; workers are started per epoch so that they see that epoch.
+        batch_size = distributed.per_process_batch_size(config.batch_size)
+        return DataLoader(dataset, batch_size=batch_size, num_workers=workers, drop_last=len(dataset) % batch_size == 1,
+                          pin_memory=device.type == "cuda")
     # Under torchrun each process takes its share of the epoch's order and of the global batch.
     sampler = distributed.shard_sampler(EpochSampler(len(dataset), config.seed))
     batch_size = distributed.per_process_batch_size(config.batch_size)
@@ -229,6 +249,8 @@ def _train_loader(dataset: Dataset, config: TrainConfig, workers: int, device: t
 
 
 def _eval_loader(dataset: Dataset, batch_size: int, workers: int, device: torch.device) -> DataLoader:
+    if isinstance(dataset, IterableDataset):  # streamed validation: every process reads all of it
+        return DataLoader(dataset, batch_size=batch_size, num_workers=0, pin_memory=device.type == "cuda")
     # Each process evaluates its unpadded shard; loops.evaluate sums the metrics over processes.
     return DataLoader(dataset, batch_size=batch_size, sampler=distributed.make_eval_sampler(dataset),
                       num_workers=workers, persistent_workers=workers > 0, pin_memory=device.type == "cuda")
