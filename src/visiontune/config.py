@@ -117,6 +117,10 @@ class TrainConfig:
     epoch_samples: int | None = field(default=None, metadata=_option(
         "streamed shards: training samples per epoch, over all processes (default: all the samples the shards' "
         "classes.json counts)", low=1))
+    image_column: str | None = field(default=None, metadata=_option(
+        "hf: data: the column holding the images (default: the Image feature)", metavar="NAME"))
+    label_column: str | None = field(default=None, metadata=_option(
+        "hf: data: the column holding the labels (default: the ClassLabel feature, or 'label')", metavar="NAME"))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -71,6 +71,11 @@ def load_image_bytes(data: bytes, name: str, background: RGB = DEFAULT_BACKGROUN
     return _decode(Path(name), background, draft_size=None, data=data)
 
 
+def to_rgb(image: Image.Image, background: RGB = DEFAULT_BACKGROUND) -> Image.Image:
+    """An already decoded picture (a dataset row's) as 8-bit RGB, by :func:`load_image`'s rules."""
+    return _to_rgb(image, background)
+
+
 def _decode(path: Path, background: RGB, draft_size: int | None, data: bytes | None = None) -> Image.Image:
     """Open, fully decode and convert ``path`` (or ``data``, named ``path``). ``draft_size`` lets JPEG
     decode at reduced scale (still reading every byte, so truncation is caught) when only validity matters."""

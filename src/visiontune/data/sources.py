@@ -15,12 +15,12 @@ from pathlib import Path
 from torch.utils.data import Dataset
 
 from visiontune.data.datasets import ImageDataset, scan_labelled
+from visiontune.data.hf_datasets import load_hf
 from visiontune.data.images import check_images
 from visiontune.data.samples import Sample
 from visiontune.data.shards import ShardStream, is_shard_source, list_samples, open_shards, val_pattern_beside
+from visiontune.data.hf_datasets import HF_PREFIX
 from visiontune.errors import ConfigError, DataError, shown
-
-HF_PREFIX = "hf:"
 
 
 def source_kind(data: str | Path | None) -> str:
@@ -73,8 +73,9 @@ def streamed_datasets(data: str, val_data: str | None, train_transform: Callable
     return StreamedData(classes, train_set, val_set, val_samples, bad, split_info)
 
 
-def validation_dataset(source: str, classes: list[str], eval_transform: Callable,
-                       on_bad_image: str) -> tuple[Dataset, list[Sample], list[tuple[str, str]]]:
+def validation_dataset(source: str, classes: list[str], eval_transform: Callable, on_bad_image: str, *,
+                       image_column: str | None = None,
+                       label_column: str | None = None) -> tuple[Dataset, list[Sample], list[tuple[str, str]]]:
     """``--val-data`` of any kind, labelled with the run's ``classes``."""
     kind = source_kind(source)
     if kind == "shards":
@@ -85,10 +86,35 @@ def validation_dataset(source: str, classes: list[str], eval_transform: Callable
         stream = ShardStream(shards, eval_transform, epoch_samples=len(listed), train=False)
         return stream, [Sample(Path(key), label) for key, label in listed], []
     if kind == "hf":
-        raise ConfigError("--val-data hf: is not supported yet; convert it with visiontune shard or give a folder")
+        hf = load_hf(source, classes=classes, image_column=image_column, label_column=label_column)
+        val = hf.val if hf.split_info.get("val_split") is None else _all_rows(hf)  # its own val split, else all
+        val.transform = eval_transform
+        return val, val.row_samples(), []
     samples = scan_labelled(source, classes)
     kept, bad = check_images(samples, on_bad_image)
     if not kept:
         raise DataError(f"--val-data {shown(source)}: no readable image")
     return ImageDataset(kept, eval_transform), kept, bad
 
+
+
+def hf_datasets(data: str, val_data: str | None, train_transform: Callable, eval_transform: Callable, *,
+                seed: int, val_split: float | None, on_bad_image: str, image_column: str | None,
+                label_column: str | None) -> StreamedData:
+    """``--data hf:PATH``: its train split trains; its own validation split, or ``val_data``, validates."""
+    hf = load_hf(data, image_column=image_column, label_column=label_column, val_split=val_split, seed=seed)
+    hf.train.transform = train_transform
+    info = {**hf.split_info, "train_path": "read per image from the dataset's memory-mapped Arrow files"}
+    if val_data is None:
+        hf.val.transform = eval_transform
+        return StreamedData(hf.classes, hf.train, hf.val, hf.val.row_samples(), [], info)
+    train = hf.train if hf.split_info.get("val_split") is None else _all_rows(hf)  # no own val split: all trains
+    val_set, val_samples, bad = validation_dataset(val_data, hf.classes, eval_transform, on_bad_image)
+    return StreamedData(hf.classes, train, val_set, val_samples, bad,
+                        {**info, "val_data": val_data, "val_kind": source_kind(val_data)})
+
+
+def _all_rows(hf):
+    """The train part grown by the rows a seeded split had set aside (both index the same split)."""
+    hf.train.indices, hf.train.targets = hf.train.indices + hf.val.indices, hf.train.targets + hf.val.targets
+    return hf.train

@@ -26,7 +26,7 @@ from visiontune.checkpoint.suffixes import has_weight_suffix
 from visiontune.config import TrainConfig
 from visiontune.data.datasets import require_trainable
 from visiontune.data.samples import DatasetSplit
-from visiontune.data.sources import source_kind, streamed_datasets
+from visiontune.data.sources import hf_datasets, source_kind, streamed_datasets
 from visiontune.features.store import cache_root
 from visiontune.device import (Precision, configure_threads, default_workers, prefers_channels_last, resolve_device,
                                resolve_precision)
@@ -198,6 +198,8 @@ def _build_datasets(config: TrainConfig, memory_budget: MemoryBudget):
     train_transform, eval_transform = data.build_transforms(preprocessing, config.augment)
     if source_kind(config.data) == "shards":
         return (*_streamed(config, train_transform, eval_transform), preprocessing)
+    if source_kind(config.data) == "hf":
+        return (*_from_hf(config, train_transform, eval_transform), preprocessing)
     split = data.discover(config.data, val_split=config.val_split, seed=config.seed)
     total = len(split.train) + len(split.val)
     if data.fits_in_memory(total, preprocessing.resize_size, memory_budget):
@@ -229,6 +231,16 @@ def _streamed(config: TrainConfig, train_transform, eval_transform):
                                  balance=config.balance)
     split = DatasetSplit(streamed.classes, [], [], source="shards", split_info=streamed.split_info)
     return split, streamed.train_set, streamed.val_set, streamed.val_samples, streamed.bad
+
+
+def _from_hf(config: TrainConfig, train_transform, eval_transform):
+    """``hf:`` data (data/hf_datasets.py): rows read from the dataset's memory-mapped Arrow files."""
+    loaded = hf_datasets(config.data, config.val_data, train_transform, eval_transform, seed=config.seed,
+                         val_split=config.val_split, on_bad_image=config.on_bad_image,
+                         image_column=config.image_column, label_column=config.label_column)
+    split = DatasetSplit(loaded.classes, [], [], source="hf", split_info=loaded.split_info)
+    require_trainable(split, list(loaded.train_set.targets), list(loaded.val_set.targets), len(loaded.bad))
+    return split, loaded.train_set, loaded.val_set, loaded.val_samples, loaded.bad
 
 
 def _train_loader(dataset: Dataset, config: TrainConfig, workers: int, device: torch.device) -> DataLoader:
