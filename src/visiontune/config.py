@@ -121,6 +121,10 @@ class TrainConfig:
         "hf: data: the column holding the images (default: the Image feature)", metavar="NAME"))
     label_column: str | None = field(default=None, metadata=_option(
         "hf: data: the column holding the labels (default: the ClassLabel feature, or 'label')", metavar="NAME"))
+    track: str = field(default="none", metadata=_option(
+        "log parameters, per-epoch metrics, the run's files and the model to an experiment tracker (mlflow: "
+        "MLFLOW_TRACKING_URI, else MLflow's local store in the current folder); TensorBoard logs either way",
+        choices=("none", "mlflow")))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
