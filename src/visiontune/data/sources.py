@@ -38,6 +38,10 @@ def is_local_path(data: str | None) -> bool:
     return data is not None and source_kind(data) in ("folder", "csv") or (
         source_kind(data) == "shards" and "://" not in str(data) and not str(data).startswith("pipe:"))
 
+# report.json: where the images of a split come from, by the kind of its source
+VAL_PATHS = {"shards": "streamed from shards", "hf": "read per image from the dataset's memory-mapped Arrow files",
+             "folder": "files (decoded every epoch)", "csv": "files (decoded every epoch)"}
+
 
 @dataclass
 class StreamedData:
@@ -69,7 +73,7 @@ def streamed_datasets(data: str, val_data: str | None, train_transform: Callable
     val_set, val_samples, bad = validation_dataset(val_source, classes, eval_transform, on_bad_image)
     split_info = {"train_shards": len(train_shards.urls), "epoch_samples": train_set.epoch_samples,
                   "train_pattern": data, "val_data": val_source, "val_kind": source_kind(val_source),
-                  "train_path": "streamed from shards"}
+                  "train_path": "streamed from shards", "val_path": VAL_PATHS[source_kind(val_source)]}
     return StreamedData(classes, train_set, val_set, val_samples, bad, split_info)
 
 
@@ -104,7 +108,7 @@ def hf_datasets(data: str, val_data: str | None, train_transform: Callable, eval
     """``--data hf:PATH``: its train split trains; its own validation split, or ``val_data``, validates."""
     hf = load_hf(data, image_column=image_column, label_column=label_column, val_split=val_split, seed=seed)
     hf.train.transform = train_transform
-    info = {**hf.split_info, "train_path": "read per image from the dataset's memory-mapped Arrow files"}
+    info = {**hf.split_info, "train_path": VAL_PATHS["hf"], "val_path": VAL_PATHS[source_kind(val_data or data)]}
     if val_data is None:
         hf.val.transform = eval_transform
         return StreamedData(hf.classes, hf.train, hf.val, hf.val.row_samples(), [], info)

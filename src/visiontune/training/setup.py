@@ -202,24 +202,39 @@ def _build_datasets(config: TrainConfig, memory_budget: MemoryBudget):
         return (*_from_hf(config, train_transform, eval_transform), preprocessing)
     split = data.discover(config.data, val_split=config.val_split, seed=config.seed)
     total = len(split.train) + len(split.val)
-    if data.fits_in_memory(total, preprocessing.resize_size, memory_budget):
-        memory_budget.claim(data.decoded_bytes(total, preprocessing.resize_size), "decoded images")
+    nbytes = data.decoded_bytes(total, preprocessing.resize_size)
+    spill_dir = cache_root() / DECODED_SPILL_DIR
+    in_memory = data.fits_in_memory(total, preprocessing.resize_size, memory_budget)
+    if in_memory or data.fits_on_disk(nbytes, spill_dir):
+        if in_memory:
+            memory_budget.claim(nbytes, "decoded images")
+        else:  # over the run's memory budget: memory-mapped on disk rather than decoded again every epoch
+            log.info("decoded images (%.0f MiB) exceed the memory budget left (%.0f MiB); memory-mapping them "
+                     "from %s", nbytes / 2**20, memory_budget.free_bytes / 2**20, spill_dir)
         # Decode once: every epoch after the first would otherwise decode and resize every file again.
         def decoded(samples):
             return data.decode_to_uint8(samples, preprocessing.resize_size, crop_size=preprocessing.crop_size,
-                                        interpolation=preprocessing.interpolation, on_bad_image=config.on_bad_image)
+                                        interpolation=preprocessing.interpolation, on_bad_image=config.on_bad_image,
+                                        spill_dir=None if in_memory else spill_dir)
 
         train_images, val_images = decoded(split.train), decoded(split.val)
         train_set = data.InMemoryDataset.from_decoded(train_images, train_transform)
         val_set = data.InMemoryDataset.from_decoded(val_images, eval_transform)
+        if not in_memory:  # still the files' images: a feature cache on disk is keyed by them
+            train_set.samples, val_set.samples = train_images.samples, val_images.samples
         bad, val_samples = train_images.bad + val_images.bad, val_images.samples
+        where = "memory (decoded once)" if in_memory else f"disk (decoded once, memory-mapped from {spill_dir})"
     else:
+        log.warning("decoded images (%.0f MiB) fit neither the memory budget nor the free disk of %s; decoding "
+                    "every file again every epoch", nbytes / 2**20, spill_dir)
+        where = "files (decoded every epoch)"
         train_samples, train_bad = data.check_images(split.train, config.on_bad_image)
         val_samples, val_bad = data.check_images(split.val, config.on_bad_image)
         train_set = data.ImageDataset(train_samples, train_transform)
         val_set = data.ImageDataset(val_samples, eval_transform)
         bad = train_bad + val_bad
     require_trainable(split, list(train_set.targets), list(val_set.targets), len(bad))  # after dropping unreadable files
+    split.split_info.update(train_path=where, val_path=where)  # report.json: where each split's images came from
     return split, train_set, val_set, val_samples, bad, preprocessing
 
 
@@ -268,6 +283,7 @@ def _eval_loader(dataset: Dataset, batch_size: int, workers: int, device: torch.
                       num_workers=workers, persistent_workers=workers > 0, pin_memory=device.type == "cuda")
 
 
+DECODED_SPILL_DIR = "decoded"  # under the cache folder: decoded images over the memory budget, memory-mapped
 COMPILE_CACHES = {"TORCHINDUCTOR_CACHE_DIR": "torchinductor", "TRITON_CACHE_DIR": "triton"}
 
 
