@@ -179,3 +179,22 @@ def test_shard_errors_are_one_line(tmp_path, capsys):
     assert main(["shard", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]) == 2
     assert main(["shard", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--shard-size", "huge"]) == 2
     assert "--shard-size" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_val_data_of_another_kind_validates_every_kind_of_data(tmp_path):
+    data = make_image_folder(tmp_path / "data", per_class=4, val_per_class=2, size=16)
+    assert main(["shard", "--data", str(data), "--out", str(tmp_path / "shards")]) == 0
+    val_shards = str(tmp_path / "shards" / "val-{000000..000000}.tar")
+    one_epoch = [*TINY, "--epochs", "1"]
+    # a folder trains whole (train/ and val/), the shards validate
+    assert main(["train", "--data", str(data), "--val-data", val_shards, *one_epoch, "--out", str(tmp_path / "a")]) == 0
+    report = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert report["data"]["train_images"] == 18 and report["final"]["num_images"] == 6
+    assert (report["data"]["val_kind"], report["data"]["val_path"]) == ("shards", "streamed from shards")
+    # shards train, a folder validates
+    pattern = str(tmp_path / "shards" / "train-{000000..000000}.tar")
+    argv = ["train", "--data", pattern, "--val-data", str(data / "val"), *one_epoch, "--workers", "2"]
+    assert main([*argv, "--out", str(tmp_path / "b")]) == 0  # 2 workers for 1 shard: 1 worker reads it
+    report = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert report["data"]["val_path"] == "files (decoded every epoch)" and report["final"]["num_images"] == 6

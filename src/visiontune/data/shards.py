@@ -203,10 +203,11 @@ class ShardStream(IterableDataset):
 
     def __init__(self, shards: ShardSet, transform: Callable | None, *, seed: int = 0,
                  epoch_samples: int | None = None, train: bool = True, rank: int = 0, world: int = 1,
-                 shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER):
+                 shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER, targets: list[int] | None = None):
         self.shards, self.transform, self.seed, self.train = shards, transform, seed, train
         self.rank, self.world, self.shuffle_buffer, self.epoch = rank, world, shuffle_buffer, 0
         self.classes = shards.classes
+        self._targets = list(targets or [])  # known for validation (listed); never for training
         total = shards.total
         self.epoch_samples = epoch_samples if epoch_samples is not None else total
         if self.epoch_samples is None:
@@ -224,8 +225,15 @@ class ShardStream(IterableDataset):
         return self.epoch_samples // self.world if self.train else self.epoch_samples
 
     @property
+    def readers_per_process(self) -> int:
+        """How many loader workers can each read shards of their own in this process."""
+        return len(self.shards.urls[self.rank::self.world])
+
+    @property
     def targets(self) -> list[int]:
-        return []  # unknown without reading the stream; class weights (--balance) are refused for shards
+        # Validation's labels, listed up front; training's are unknown without reading the stream
+        # (so class weights, --balance, are refused for shards).
+        return self._targets
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
         if not self.train:

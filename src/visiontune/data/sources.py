@@ -87,7 +87,8 @@ def validation_dataset(source: str, classes: list[str], eval_transform: Callable
         listed = list_samples(shards)
         if not listed:
             raise DataError(f"--val-data {shown(source)}: the shards hold no samples")
-        stream = ShardStream(shards, eval_transform, epoch_samples=len(listed), train=False)
+        stream = ShardStream(shards, eval_transform, epoch_samples=len(listed), train=False,
+                             targets=[label for _, label in listed])
         return stream, [Sample(Path(key), label) for key, label in listed], []
     if kind == "hf":
         hf = load_hf(source, classes=classes, image_column=image_column, label_column=label_column)

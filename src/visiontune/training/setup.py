@@ -8,6 +8,7 @@ so an epoch gives the same batches straight through or after a resume.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -26,7 +27,7 @@ from visiontune.checkpoint.suffixes import has_weight_suffix
 from visiontune.config import TrainConfig
 from visiontune.data.datasets import require_trainable
 from visiontune.data.samples import DatasetSplit
-from visiontune.data.sources import hf_datasets, source_kind, streamed_datasets
+from visiontune.data.sources import VAL_PATHS, hf_datasets, source_kind, streamed_datasets, validation_dataset
 from visiontune.features.store import cache_root
 from visiontune.device import (Precision, configure_threads, default_workers, prefers_channels_last, resolve_device,
                                resolve_precision)
@@ -201,6 +202,8 @@ def _build_datasets(config: TrainConfig, memory_budget: MemoryBudget):
     if source_kind(config.data) == "hf":
         return (*_from_hf(config, train_transform, eval_transform), preprocessing)
     split = data.discover(config.data, val_split=config.val_split, seed=config.seed)
+    if config.val_data is not None:  # a separate validation source: all of --data trains
+        split = dataclasses.replace(split, train=split.train + split.val, val=[])
     total = len(split.train) + len(split.val)
     nbytes = data.decoded_bytes(total, preprocessing.resize_size)
     spill_dir = cache_root() / DECODED_SPILL_DIR
@@ -233,8 +236,15 @@ def _build_datasets(config: TrainConfig, memory_budget: MemoryBudget):
         train_set = data.ImageDataset(train_samples, train_transform)
         val_set = data.ImageDataset(val_samples, eval_transform)
         bad = train_bad + val_bad
+    val_path = where
+    if config.val_data is not None:
+        val_set, val_samples, val_bad = validation_dataset(config.val_data, split.classes, eval_transform,
+                                                           config.on_bad_image, image_column=config.image_column,
+                                                           label_column=config.label_column)
+        bad, val_path = bad + val_bad, VAL_PATHS[source_kind(config.val_data)]
+        split.split_info.update(val_data=config.val_data, val_kind=source_kind(config.val_data))
     require_trainable(split, list(train_set.targets), list(val_set.targets), len(bad))  # after dropping unreadable files
-    split.split_info.update(train_path=where, val_path=where)  # report.json: where each split's images came from
+    split.split_info.update(train_path=where, val_path=val_path)  # report.json: where each split's images came from
     return split, train_set, val_set, val_samples, bad, preprocessing
 
 
@@ -263,6 +273,10 @@ def _train_loader(dataset: Dataset, config: TrainConfig, workers: int, device: t
         # The stream splits itself between processes and workers and orders each epoch by its
         # set_epoch; workers are started per epoch so that they see that epoch.
         batch_size = distributed.per_process_batch_size(config.batch_size)
+        if workers > dataset.readers_per_process:
+            log.info("%d loader workers for %d shard(s) per process: using %d (each worker reads its own shards)",
+                     workers, dataset.readers_per_process, dataset.readers_per_process)
+            workers = dataset.readers_per_process
         return DataLoader(dataset, batch_size=batch_size, num_workers=workers, drop_last=len(dataset) % batch_size == 1,
                           pin_memory=device.type == "cuda")
     # Under torchrun each process takes its share of the epoch's order and of the global batch.
