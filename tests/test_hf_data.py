@@ -79,3 +79,22 @@ def test_a_hub_name_offline_is_one_clear_message(tmp_path, capsys, monkeypatch):
     assert main(["train", "--data", "hf:someone/some-dataset", *TINY, "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert "offline" in err and err.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_hf_validates_streamed_shards(tmp_path, capsys):
+    folder = tmp_path / "data"
+    images, labels = _rows(4, 3)
+    for index, (image, label) in enumerate(zip(images, labels)):
+        (folder / label).mkdir(parents=True, exist_ok=True)
+        image.save(folder / label / f"{index}.png")
+    assert main(["shard", "--data", str(folder), "--out", str(tmp_path / "shards"), "--val-split", "0.25"]) == 0
+    saved = tmp_path / "saved"
+    datasets.DatasetDict(validation=_dataset(2, 4, class_label=True)).save_to_disk(str(saved))
+    capsys.readouterr()
+    argv = ["train", "--data", str(tmp_path / "shards" / "train-{000000..000000}.tar"), "--val-data", f"hf:{saved}",
+            *TINY, "--out", str(tmp_path / "run")]
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["data"]["val_kind"] == "hf" and report["final"]["num_images"] == 4
+    assert report["classes"] == ["cat", "dog"]  # the shards' classes.json, matched by name in the hf rows
