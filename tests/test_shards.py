@@ -198,3 +198,15 @@ def test_val_data_of_another_kind_validates_every_kind_of_data(tmp_path):
     assert main([*argv, "--out", str(tmp_path / "b")]) == 0  # 2 workers for 1 shard: 1 worker reads it
     report = json.loads((tmp_path / "b" / "report.json").read_text())
     assert report["data"]["val_path"] == "files (decoded every epoch)" and report["final"]["num_images"] == 6
+
+
+def test_an_undecodable_image_is_skipped_or_stops_the_epoch(tmp_path):
+    pattern = write_equal_shards(tmp_path / "shards", shards=1, per_shard=4)
+    with wds.TarWriter(str(tmp_path / "shards" / "train-000000.tar")) as writer:
+        for index in range(4):
+            payload = b"not a png" if index == 2 else make_image(tmp_path / "x.png", (9, 9, 9), size=8).read_bytes()
+            writer.write({"__key__": f"k{index}", "png": payload, "cls": b"1"})
+    skipping = ShardStream(open_shards(pattern), None, seed=0)
+    assert [label for _, label in skipping] == [1, 1, 1]
+    with pytest.raises(Exception, match="k2.png"):
+        list(ShardStream(open_shards(pattern), None, seed=0, on_bad_image="error"))

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from visiontune.data.images import DEFAULT_BACKGROUND, RGB, load_image_bytes
+from visiontune.data.images import DEFAULT_BACKGROUND, RGB, BadImageError, load_image_bytes
 from visiontune.errors import ConfigError, DataError, shown
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,8 @@ def is_shard_source(data: str | Path | None) -> bool:
     if data is None:
         return False
     text = str(data)
+    if _is_local(text) and Path(text).expanduser().is_dir():  # a folder named like a shard is still a folder
+        return False
     return text.startswith("pipe:") or text.split("::")[0].rstrip("}").split("?")[0].endswith(SHARD_SUFFIXES) \
         or (".tar" in text and "{" in text)
 
@@ -203,9 +205,11 @@ class ShardStream(IterableDataset):
 
     def __init__(self, shards: ShardSet, transform: Callable | None, *, seed: int = 0,
                  epoch_samples: int | None = None, train: bool = True, rank: int = 0, world: int = 1,
-                 shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER, targets: list[int] | None = None):
+                 shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER, targets: list[int] | None = None,
+                 on_bad_image: str = "skip"):
         self.shards, self.transform, self.seed, self.train = shards, transform, seed, train
         self.rank, self.world, self.shuffle_buffer, self.epoch = rank, world, shuffle_buffer, 0
+        self.on_bad_image = on_bad_image  # skip: an undecodable image is left out of its epoch (logged)
         self.classes = shards.classes
         self._targets = list(targets or [])  # known for validation (listed); never for training
         total = shards.total
@@ -252,7 +256,13 @@ class ShardStream(IterableDataset):
         rng = random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{worker_id}")
         samples = _take(self._reader_stream(own, worker_id, workers, skip=self.epoch * quota), quota)
         for sample in _buffer_shuffle(samples, self.shuffle_buffer, rng):
-            yield self._prepared(sample, rng.getrandbits(62))
+            seed = rng.getrandbits(62)  # drawn whether or not the image decodes: later samples keep their seeds
+            try:
+                yield self._prepared(sample, seed)
+            except BadImageError as error:
+                if self.on_bad_image == "error":
+                    raise
+                log.warning("skipping %s: %s", error.path, error.reason)
 
     def _reader_stream(self, own: list[str], worker_id: int, workers: int, skip: int) -> Iterator[dict]:
         """The endless stream of this reader's shards, pass after pass, ``skip`` samples dropped

@@ -65,7 +65,7 @@ def streamed_datasets(data: str, val_data: str | None, train_transform: Callable
     train_shards = open_shards(data)
     classes = train_shards.classes
     train_set = ShardStream(train_shards, train_transform, seed=seed, epoch_samples=epoch_samples, rank=rank,
-                            world=world)
+                            world=world, on_bad_image=on_bad_image)
     val_source = val_data or val_pattern_beside(train_shards)
     if val_source is None:
         raise ConfigError(f"--data {shown(data)} streams shards and has no validation shards beside it; give "
