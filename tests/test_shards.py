@@ -173,6 +173,11 @@ def test_shard_errors_are_one_line(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["train", "--data", pattern, *TINY, "--out", str(tmp_path / "r")]) == 2  # no val shards beside them
     assert "--val-data" in capsys.readouterr().err
+    (tmp_path / "shards" / "broken-000000.tar").write_bytes(b"not a tar file")
+    for broken in ("pipe:false", str(tmp_path / "shards" / "broken-000000.tar")):
+        assert main(["train", "--data", pattern, "--val-data", broken, *TINY, "--out", str(tmp_path / "r")]) == 2
+        err = capsys.readouterr().err
+        assert "cannot read shard" in err and err.count("\n") == 1
     (tmp_path / "shards" / SHARD_INDEX).unlink()
     assert main(["train", "--data", pattern, *TINY, "--out", str(tmp_path / "r")]) == 2
     assert SHARD_INDEX in capsys.readouterr().err

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import tarfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -153,8 +154,13 @@ def val_pattern_beside(shards: ShardSet) -> str | None:
 def iter_shard(url: str) -> Iterator[dict]:
     """The raw samples of one shard (``{"__key__": ..., "jpg": bytes, "cls": bytes, ...}``), undecoded."""
     wds = webdataset()
-    for sample in wds.tariterators.tarfile_samples([{"url": url}]):
-        yield sample
+    try:
+        yield from wds.tariterators.tarfile_samples([{"url": url}])
+    except (OSError, EOFError, ValueError, tarfile.TarError) as error:
+        # webdataset appends the stream and URL to the arguments; the first is what went wrong
+        reason = error.args[0] if error.args else type(error).__name__
+        raise DataError(f"cannot read shard {url}: {str(reason).splitlines()[0][:300]}; check that it is a tar file "
+                        "(tar tf) and, for pipe: or remote URLs, that the command or address works") from None
 
 
 def list_samples(shards: ShardSet) -> list[tuple[str, int]]:
