@@ -215,3 +215,17 @@ def test_an_undecodable_image_is_skipped_or_stops_the_epoch(tmp_path):
     assert [label for _, label in skipping] == [1, 1, 1]
     with pytest.raises(Exception, match="k2.png"):
         list(ShardStream(open_shards(pattern), None, seed=0, on_bad_image="error"))
+
+
+def test_the_class_list_may_come_from_the_samples_json(tmp_path):
+    root = tmp_path / "foreign"
+    root.mkdir()
+    with wds.TarWriter(str(root / "part-0.tar")) as writer:
+        for index, name in enumerate(["dog", "cat", "dog"]):
+            payload = make_image(tmp_path / "x.png", (9, 9, 9), size=8).read_bytes()
+            meta = {"label": name, "classes": ["cat", "dog"]}
+            writer.write({"__key__": f"k{index}", "png": payload, "json": json.dumps(meta).encode()})
+    shards = open_shards(str(root / "part-0.tar"))
+    assert shards.classes == ["cat", "dog"] and shards.total is None
+    stream = ShardStream(shards, None, seed=0, epoch_samples=3)  # no counts: the epoch is given
+    assert sorted(label for _, label in stream) == [0, 1, 1]

@@ -109,11 +109,12 @@ def open_shards(pattern: str, classes: list[str] | None = None) -> ShardSet:
         raise DataError(f"shard {missing[0]} does not exist ({len(missing)} of the {len(urls)} shards of "
                         f"{shown(pattern)} are missing); check the pattern's range")
     index = read_shard_index(urls[0])
-    found = index.get("classes")
+    found = index.get("classes") or (_classes_in_first_sample(urls[0]) if classes is None else None)
     if classes is None:
         if not found:
             raise DataError(f"no class list for the shards {shown(pattern)}: put a {SHARD_INDEX} "
-                            '({"classes": ["cat", "dog"]}) beside them, as visiontune shard writes it')
+                            '({"classes": ["cat", "dog"]}) beside them, as visiontune shard writes it, or a '
+                            '"classes" list in each sample\'s json')
         classes = [str(name) for name in found]
     elif found and [str(name) for name in found] != list(classes):
         raise DataError(f"the shards {shown(pattern)} have classes {found[:5]}... but the run's are {classes[:5]}...; "
@@ -122,6 +123,15 @@ def open_shards(pattern: str, classes: list[str] | None = None) -> ShardSet:
         raise DataError(f"{SHARD_INDEX} beside {shown(pattern)} lists {len(classes)} class(es); a classifier needs two")
     counts = {str(name): int(count) for name, count in (index.get("shards") or {}).items()}
     return ShardSet(str(pattern), urls, list(classes), counts, index)
+
+
+def _classes_in_first_sample(url: str) -> list | None:
+    """The class list a sample's json may carry (``{"label": 3, "classes": [...]}``), read from the first sample."""
+    for sample in iter_shard(url):
+        meta = json.loads(bytes(sample["json"]).decode("utf-8")) if "json" in sample else None
+        names = meta.get("classes") if isinstance(meta, dict) else None
+        return names if isinstance(names, list) else None
+    return None
 
 
 def read_shard_index(first_url: str) -> dict:
