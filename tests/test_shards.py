@@ -15,7 +15,7 @@ from conftest import make_image, make_image_folder
 from visiontune import distributed
 from visiontune.cli import main
 from visiontune.commands.train import ConsoleReporter
-from visiontune.data.shards import SHARD_INDEX, ShardStream, is_shard_source, open_shards
+from visiontune.data.shards import SHARD_INDEX, ShardStream, is_shard_source, iter_shard, open_shards
 
 TINY = ["--model", "timm:test_resnet", "--weights", "none", "--image-size", "16", "--batch-size", "8",
         "--workers", "0", "--device", "cpu", "--quiet", "--seed", "1"]
@@ -125,6 +125,9 @@ def test_a_folder_and_its_shards_train_to_the_same_accuracy(tmp_path, capsys):
     assert "24 training samples" in printed and "9 validation samples" in printed
     index = json.loads((tmp_path / "shards" / SHARD_INDEX).read_text())
     assert index["classes"] == ["blue", "green", "red"] and sum(index["shards"].values()) == 33
+    for shard in index["shards"]:  # each shard's first sample names the classes itself
+        first = next(iter_shard(str(tmp_path / "shards" / shard)))
+        assert json.loads(first["json"])["classes"] == index["classes"]
     recipe = [*TINY, "--epochs", "4", "--lr", "0.003"]
     pattern = str(tmp_path / "shards" / index["splits"]["train"])
     assert main(["train", "--data", pattern, *recipe, "--out", str(tmp_path / "from_shards")]) == 0

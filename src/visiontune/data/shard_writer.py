@@ -73,7 +73,7 @@ def write_shards(data: str | Path, out: str | Path, *, shard_size: int = int(1e9
     skipped: list[tuple[str, str]] = []
     patterns = {}
     for name, samples in (("train", split.train), ("val", split.val)):
-        shards = _write_split(wds, out, name, _shuffled(samples, seed), shard_size, counts, skipped)
+        shards = _write_split(wds, out, name, _shuffled(samples, seed), split.classes, shard_size, counts, skipped)
         patterns[name] = f"{name}-{{000000..{shards - 1:06d}}}.tar"
     index = {"classes": split.classes, "shards": counts, "splits": patterns,
              "source": str(Path(data).expanduser().absolute())}
@@ -87,8 +87,8 @@ def _shuffled(samples: list[Sample], seed: int) -> list[Sample]:
     return order
 
 
-def _write_split(wds, out: Path, name: str, samples: list[Sample], shard_size: int, counts: dict[str, int],
-                 skipped: list[tuple[str, str]]) -> int:
+def _write_split(wds, out: Path, name: str, samples: list[Sample], classes: list[str], shard_size: int,
+                 counts: dict[str, int], skipped: list[tuple[str, str]]) -> int:
     """Returns the number of shards written (at least one, possibly empty)."""
     writer = wds.ShardWriter(str(out / f"{name}-%06d.tar"), maxsize=shard_size, maxcount=10**9, verbose=0)
     try:
@@ -98,7 +98,12 @@ def _write_split(wds, out: Path, name: str, samples: list[Sample], shard_size: i
             except DataError as error:
                 skipped.append((str(sample.path), str(error)))
                 continue
-            writer.write({"__key__": f"{index:09d}", suffix: payload, "cls": str(sample.label).encode()})
+            record = {"__key__": f"{index:09d}", suffix: payload, "cls": str(sample.label).encode()}
+            if writer.count == 0 or writer.count >= writer.maxcount or writer.size >= writer.maxsize:
+                # A shard's first sample carries the class list, so shards moved away from classes.json
+                # (object storage, pipe: URLs) still name their classes.
+                record["json"] = json.dumps({"label": sample.label, "classes": classes}).encode()
+            writer.write(record)
             shard = Path(writer.fname).name
             counts[shard] = counts.get(shard, 0) + 1
     finally:
