@@ -19,9 +19,10 @@ TINY = ["--model", "timm:test_resnet", "--weights", "none", "--image-size", "16"
 
 @pytest.fixture
 def store(tmp_path, monkeypatch):
-    """A local MLflow store in tmp_path (its artifacts go under the working folder's mlruns/)."""
+    """A local MLflow file store in tmp_path/mlruns (MLflow 3 allows it on request)."""
     monkeypatch.chdir(tmp_path)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # the file store: no database to create (seconds)
+    uri = (tmp_path / "mlruns").as_uri()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return MlflowClient(tracking_uri=uri)
 
