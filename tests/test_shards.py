@@ -15,7 +15,8 @@ from conftest import make_image, make_image_folder
 from visiontune import distributed
 from visiontune.cli import main
 from visiontune.commands.train import ConsoleReporter
-from visiontune.data.shards import SHARD_INDEX, ShardStream, is_shard_source, iter_shard, open_shards
+from visiontune.data.shard_stream import ShardStream
+from visiontune.data.shards import SHARD_INDEX, is_shard_source, iter_shard, open_shards
 
 TINY = ["--model", "timm:test_resnet", "--weights", "none", "--image-size", "16", "--batch-size", "8",
         "--workers", "0", "--device", "cpu", "--quiet", "--seed", "1"]

@@ -18,7 +18,8 @@ from visiontune.data.datasets import ImageDataset, scan_labelled
 from visiontune.data.hf_datasets import load_hf
 from visiontune.data.images import check_images
 from visiontune.data.samples import Sample
-from visiontune.data.shards import ShardStream, is_shard_source, list_samples, open_shards, val_pattern_beside
+from visiontune.data.shard_stream import ShardStream
+from visiontune.data.shards import is_shard_source, list_samples, open_shards, val_pattern_beside
 from visiontune.data.hf_datasets import HF_PREFIX
 from visiontune.errors import ConfigError, DataError, shown
 
