@@ -394,6 +394,7 @@ TRAIN_VALUE_FLAGS = {
     "--device": ["cuda", "mps", "cpu:0"], "--precision": ["bf16", "fp16", "fp8"], "--feature-cache": [
         "disk", "memory", "off"], "--model": corpus.MODEL_NAMES, "--nproc": ["1"],
     "--source-model": ["timm:test_resnet", "resnet18", "no_such_net"],
+    "--epoch-samples": ["1", "0"], "--track": ["none", "neptune"], "--image-column": ["image"], "--val-data": ["hf:missing", "x-{000000..000001}.tar", "pipe:false"],
 }
 PATH_FLAGS = ("--data", "--out", "--weights", "--config", "--resume")
 ALL_TRAIN_FLAGS = sorted(TRAIN_VALUE_FLAGS) + list(PATH_FLAGS) + ["--balance", "--no-balance", "--sync-bn",
@@ -709,6 +710,28 @@ def test_fuzz_convert(world):
         if "source-model" in hostile:
             argv += ["--source-model", data.draw(flag_values("--source-model", ["timm:test_resnet", "resnet18", "no_such_net", "a:b:c"]), label="source")]
         run_case(c, argv, exit_1_ok="--strict" in argv)
+
+    case()
+    _report(world, before)
+
+
+def test_fuzz_shard(world):
+    """``shard --data DIR --out DIR``: hostile data and output paths, sizes, splits and seeds."""
+    before = len(world.failures)
+
+    @examples(world, 8)
+    @given(st.data())
+    def case(data):
+        c = Case(world)
+        source = c.paths[data.draw(st.sampled_from(corpus.PATH_CHOICES), label="data")] \
+            if data.draw(st.booleans(), label="hostile data") else str(world.data)
+        out = c.output(data.draw(st.sampled_from(["fresh", *corpus.PATH_CHOICES]).filter(lambda k: k != "dev_null"),
+                                 label="out"))
+        c.writable.append(Path(out))
+        argv = ["shard", "--data", source, "--out", out]
+        argv += _extras(data, {"--shard-size": ["1GB", "10KB", "1", "-5MB"], "--val-split": ["0.5", "1"],
+                               "--seed": ["1"]}) if data.draw(st.booleans(), label="flags") else []
+        run_case(c, argv)
 
     case()
     _report(world, before)

@@ -33,6 +33,7 @@ COMMAND_MODULES = (
     "report",
     "audit",
     "explain",
+    "shard",
 )
 
 

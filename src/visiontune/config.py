@@ -114,6 +114,20 @@ class TrainConfig:
     source_model: str | None = field(default=None, metadata=_option(
         "with --weights FILE: the architecture the file was saved from (e.g. regnet_y_400mf, timm:regnety_004); "
         "both models are traced and their tensors paired by data flow", metavar="NAME"))
+    val_data: str | None = field(default=None, metadata=_option(
+        "a separate validation source (a folder, a CSV manifest, WebDataset shards or hf:PATH); the whole of --data "
+        "then trains", metavar="SOURCE"))
+    epoch_samples: int | None = field(default=None, metadata=_option(
+        "streamed shards: training samples per epoch, over all processes (default: all the samples the shards' "
+        "classes.json counts)", low=1))
+    image_column: str | None = field(default=None, metadata=_option(
+        "hf: data: the column holding the images (default: the Image feature)", metavar="NAME"))
+    label_column: str | None = field(default=None, metadata=_option(
+        "hf: data: the column holding the labels (default: the ClassLabel feature, or 'label')", metavar="NAME"))
+    track: str = field(default="none", metadata=_option(
+        "log parameters, per-epoch metrics, the run's files and the model to an experiment tracker (mlflow: "
+        "MLFLOW_TRACKING_URI, else MLflow's local store in the current folder); TensorBoard logs either way",
+        choices=("none", "mlflow")))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

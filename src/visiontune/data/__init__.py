@@ -11,6 +11,7 @@ from visiontune.data.decoded_cache import (
     decode_to_uint8,
     decoded_bytes,
     fits_in_memory,
+    fits_on_disk,
 )
 from visiontune.data.datasets import ImageDataset, discover, list_images, scan_labelled
 from visiontune.data.images import (
@@ -50,6 +51,7 @@ __all__ = [
     "decoded_bytes",
     "discover",
     "fits_in_memory",
+    "fits_on_disk",
     "is_deterministic",
     "is_image_file",
     "list_images",

@@ -19,9 +19,14 @@ the far ends of wide images: a documented trade-off for bounded, stackable memor
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.utils.data
 
@@ -45,6 +50,10 @@ class DecodedImages:
     bad: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) of unreadable files
 
 
+# Free disk space left after spilling, as a fraction of what the spill takes: room for logs, checkpoints, caches.
+SPILL_HEADROOM = 0.1
+
+
 def decoded_bytes(num_images: int, size: int) -> int:
     """Bytes that ``num_images`` decoded RGB uint8 squares of side ``size`` take."""
     return num_images * 3 * size * size
@@ -58,6 +67,16 @@ def fits_in_memory(num_images: int, size: int, budget: MemoryBudget | None = Non
     return budget.fits(decoded_bytes(num_images, size))
 
 
+def fits_on_disk(nbytes: int, folder: str | os.PathLike) -> bool:
+    """Whether ``nbytes`` of decoded images (plus :data:`SPILL_HEADROOM`) fit on the disk of ``folder``."""
+    folder = Path(folder)
+    existing = next((parent for parent in (folder, *folder.parents) if parent.exists()), Path("/"))
+    try:
+        return shutil.disk_usage(existing).free >= nbytes * (1 + SPILL_HEADROOM)
+    except OSError:
+        return False
+
+
 def decode_to_uint8(
     samples: Sequence[Sample],
     size: int,
@@ -67,13 +86,18 @@ def decode_to_uint8(
     interpolation: str = "bilinear",
     on_bad_image: str = "skip",
     background: RGB = DEFAULT_BACKGROUND,
+    spill_dir: str | os.PathLike | None = None,
 ) -> DecodedImages:
     """Decode, resize (short side to ``size``) and square-crop every sample once, into one uint8 tensor.
 
     Pass the weights' ``resize_size`` as ``size``, their ``crop_size`` and ``interpolation``: then the
     evaluation transform on these tensors equals it on the files, pixel for pixel. Unreadable files
     are skipped and listed in ``bad`` (``on_bad_image="skip"``) or raise (``"error"``), so this pass
-    can replace :func:`~visiontune.data.check_images`."""
+    can replace :func:`~visiontune.data.check_images`.
+
+    ``spill_dir``: the images go into a memory-mapped file there instead of RAM (the run's memory
+    budget had no room): the page cache keeps what it can, the disk the rest, and every epoch still
+    skips decoding. The file is unlinked as soon as it is mapped, so nothing is left behind."""
     check_bad_image_policy(on_bad_image)
     if crop_size is not None and crop_size > size:
         raise ConfigError(
@@ -82,7 +106,7 @@ def decode_to_uint8(
         )
     samples = list(samples)
     mode = interpolation_mode(interpolation)
-    images = torch.empty((len(samples), 3, size, size), dtype=torch.uint8)
+    images = _allocate((len(samples), 3, size, size), spill_dir)
 
     def decode(index: int) -> str | None:
         try:
@@ -110,6 +134,21 @@ def decode_to_uint8(
         samples=good,
         bad=bad,
     )
+
+
+def _allocate(shape: tuple[int, int, int, int], spill_dir: str | os.PathLike | None) -> torch.Tensor:
+    """A uint8 tensor in RAM, or backed by an (already unlinked) memory-mapped file in ``spill_dir``."""
+    if spill_dir is None or shape[0] == 0:
+        return torch.empty(shape, dtype=torch.uint8)
+    Path(spill_dir).mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(prefix="decoded-", suffix=".u8", dir=spill_dir)
+    try:
+        os.ftruncate(handle, int(np.prod(shape)))
+        mapped = np.memmap(name, dtype=np.uint8, mode="r+", shape=shape)
+    finally:
+        os.close(handle)
+        os.unlink(name)  # the mapping keeps the data; the name goes, so a crash leaves no file
+    return torch.from_numpy(mapped)
 
 
 def _compact(images: torch.Tensor, kept: list[int]) -> None:

@@ -9,6 +9,7 @@ a reason a person understands.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -64,13 +65,24 @@ def load_image(path: str | Path, background: RGB = DEFAULT_BACKGROUND) -> Image.
     return _decode(Path(path), background, draft_size=None)
 
 
-def _decode(path: Path, background: RGB, draft_size: int | None) -> Image.Image:
-    """Open, fully decode and convert ``path``. ``draft_size`` lets JPEG decode at reduced scale
-    (still reading every byte, so truncation is caught) when only validity matters."""
+def load_image_bytes(data: bytes, name: str, background: RGB = DEFAULT_BACKGROUND) -> Image.Image:
+    """:func:`load_image` for an image held in memory (a shard's sample, a dataset row's bytes);
+    ``name`` says where it came from in a :class:`BadImageError`."""
+    return _decode(Path(name), background, draft_size=None, data=data)
+
+
+def to_rgb(image: Image.Image, background: RGB = DEFAULT_BACKGROUND) -> Image.Image:
+    """An already decoded picture (a dataset row's) as 8-bit RGB, by :func:`load_image`'s rules."""
+    return _to_rgb(image, background)
+
+
+def _decode(path: Path, background: RGB, draft_size: int | None, data: bytes | None = None) -> Image.Image:
+    """Open, fully decode and convert ``path`` (or ``data``, named ``path``). ``draft_size`` lets JPEG
+    decode at reduced scale (still reading every byte, so truncation is caught) when only validity matters."""
     try:
-        if path.stat().st_size == 0:
+        if (len(data) if data is not None else path.stat().st_size) == 0:
             raise BadImageError(path, "empty file (0 bytes)")
-        with Image.open(path) as image:
+        with Image.open(path if data is None else io.BytesIO(data)) as image:
             _check_pixel_count(path, image)
             if draft_size is not None and image.format == "JPEG":
                 image.draft(image.mode, (draft_size, draft_size))

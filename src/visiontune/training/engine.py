@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ import torch
 
 from visiontune import distributed
 from visiontune.config import TrainConfig, config_from_dict, validate
+from visiontune.data.sources import is_local_path
 from visiontune.device import EVAL_PRECISION, out_of_memory_error
 from visiontune.errors import CheckpointError, ConfigError
 from visiontune.run.folder import (LAST_CHECKPOINT, capture_rng_state, check_run_dir, default_run_dir,
@@ -38,6 +40,7 @@ from visiontune.training.schedule import build_schedule
 from visiontune.training.setup import TrainingSetup, build_training, is_weights_file
 from visiontune.training.state import ResumePoint, TrainingState
 from visiontune.training.strategies import apply_phase, build_optimizer, describe_groups, phase_index_for_epoch
+from visiontune.training.tracking import start_tracking
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +114,9 @@ def _train(config: TrainConfig, *, overwrite: bool, reporter: Reporter | None, c
     if config.out is None:
         config.out = distributed.broadcast_object(str(default_run_dir(config.model)))  # rank 0's timestamp
     # Absolute paths in the saved config, so that --resume works from any directory.
-    config.data = str(Path(config.data).expanduser().absolute())
+    for name in ("data", "val_data"):  # shard URLs and hf: names stay as given
+        if is_local_path(getattr(config, name)):
+            setattr(config, name, str(Path(getattr(config, name)).expanduser().absolute()))
     if is_weights_file(config.weights):
         config.weights = str(Path(config.weights).expanduser().absolute())
     run_dir = Path(config.out)
@@ -202,6 +207,8 @@ def fit(setup: TrainingSetup, state: TrainingState, run_dir: Path, reporter: Rep
     if ema is not None and ema_state is not None:
         ema.load_state_dict(ema_state)
     tensorboard = TensorBoardLog(run_dir)
+    tracker = start_tracking(config, run_dir, resumed=state.epoch > 0)  # --track mlflow; rank 0 only
+    loop_done = False
     # Which model and loaders each epoch uses: a phase that trains only the head on a frozen
     # backbone trains it on features computed once (visiontune.features.extract).
     phase_inputs = PhaseInputs(setup, earlier_plans=state.feature_cache)  # a resume keeps its K views
@@ -258,8 +265,10 @@ def fit(setup: TrainingSetup, state: TrainingState, run_dir: Path, reporter: Rep
             _save_state(run_dir, state, setup, scaler, ema)
             write_metrics_csv(run_dir, state.history)
             tensorboard.add_row(row)
+            tracker.log_epoch(row)
             distributed.barrier()  # the checkpoints are complete before any process reads them
             reporter.end_epoch(row)
+        loop_done = True
     except NonFiniteLossError as error:
         kept = (f"{run_dir}/last.ckpt and best.safetensors keep epoch {state.epoch}, the last good one"
                 if state.epoch else "no epoch finished, so nothing was saved")
@@ -272,10 +281,18 @@ def fit(setup: TrainingSetup, state: TrainingState, run_dir: Path, reporter: Rep
         raise TrainingInterrupted(run_dir) from None
     finally:
         tensorboard.close()
+        if not loop_done:  # the exception on its way out says how the tracked run ended
+            tracker.close("KILLED" if isinstance(sys.exc_info()[1], KeyboardInterrupt) else "FAILED")
     if stopped_early:
         log.info("stopped early after epoch %d: no better validation accuracy for %d epochs",
                  state.epoch, config.patience)
-    metrics = write_final_artifacts(setup, state, run_dir)
+    try:
+        metrics = write_final_artifacts(setup, state, run_dir)
+        tracker.finish(run_dir, model)
+    except BaseException:
+        tracker.close("FAILED")
+        raise
+    tracker.close()
     distributed.barrier()  # the run folder is complete when any process returns
     return TrainResult(run_dir=run_dir, best_accuracy=state.best_accuracy, best_epoch=state.best_epoch,
                        epochs_completed=state.epoch, stopped_early=stopped_early, metrics=metrics,

@@ -89,7 +89,9 @@ class PhaseInputs:
         inputs = self._cached or EpochInputs(self.setup.model, self.setup.train_loader, self.setup.val_loader)
         if self._cached is not None:
             self._train_view.set_epoch(epoch)
-        inputs.train_loader.sampler.set_epoch(epoch)
+        for ordered in (inputs.train_loader.sampler, inputs.train_loader.dataset):  # a stream orders itself
+            if hasattr(ordered, "set_epoch"):
+                ordered.set_epoch(epoch)
         return inputs
 
     def _release_cache(self) -> None:
@@ -118,6 +120,8 @@ class PhaseInputs:
         mode = getattr(setup.config, "feature_cache", "auto")
         if mode == "off":
             return CachePlan("off", 0, "turned off (feature_cache: off)")
+        if isinstance(setup.train_loader.dataset, torch.utils.data.IterableDataset):
+            return CachePlan("off", 0, "streamed training data is read as it comes, never cached")
         transform = getattr(_image_dataset(setup.train_loader), "transform", None)
         asked = getattr(setup.config, "cache_views", None)  # None: choose K; 0: train uncached
         earlier = self.earlier_plans.get(phase.name, {})

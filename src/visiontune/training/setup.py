@@ -8,6 +8,7 @@ so an epoch gives the same batches straight through or after a resume.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 # Modules rather than their functions: tests replace data.fits_in_memory and create.create_model there.
 from visiontune import data, distributed
@@ -25,6 +26,8 @@ from visiontune.checkpoint import load_weights
 from visiontune.checkpoint.suffixes import has_weight_suffix
 from visiontune.config import TrainConfig
 from visiontune.data.datasets import require_trainable
+from visiontune.data.samples import DatasetSplit
+from visiontune.data.sources import VAL_PATHS, hf_datasets, source_kind, streamed_datasets, validation_dataset
 from visiontune.features.store import cache_root
 from visiontune.device import (Precision, configure_threads, default_workers, prefers_channels_last, resolve_device,
                                resolve_precision)
@@ -192,32 +195,90 @@ def build_loss(config: TrainConfig, train_targets: list[int], num_classes: int) 
 
 
 def _build_datasets(config: TrainConfig, memory_budget: MemoryBudget):
-    split = data.discover(config.data, val_split=config.val_split, seed=config.seed)
     preprocessing = resolve_run_preprocessing(config)
     train_transform, eval_transform = data.build_transforms(preprocessing, config.augment)
+    if source_kind(config.data) == "shards":
+        return (*_streamed(config, train_transform, eval_transform), preprocessing)
+    if source_kind(config.data) == "hf":
+        return (*_from_hf(config, train_transform, eval_transform), preprocessing)
+    split = data.discover(config.data, val_split=config.val_split, seed=config.seed)
+    if config.val_data is not None:  # a separate validation source: all of --data trains
+        split = dataclasses.replace(split, train=split.train + split.val, val=[])
     total = len(split.train) + len(split.val)
-    if data.fits_in_memory(total, preprocessing.resize_size, memory_budget):
-        memory_budget.claim(data.decoded_bytes(total, preprocessing.resize_size), "decoded images")
+    nbytes = data.decoded_bytes(total, preprocessing.resize_size)
+    spill_dir = cache_root() / DECODED_SPILL_DIR
+    in_memory = data.fits_in_memory(total, preprocessing.resize_size, memory_budget)
+    if in_memory or data.fits_on_disk(nbytes, spill_dir):
+        if in_memory:
+            memory_budget.claim(nbytes, "decoded images")
+        else:  # over the run's memory budget: memory-mapped on disk rather than decoded again every epoch
+            log.info("decoded images (%.0f MiB) exceed the memory budget left (%.0f MiB); memory-mapping them "
+                     "from %s", nbytes / 2**20, memory_budget.free_bytes / 2**20, spill_dir)
         # Decode once: every epoch after the first would otherwise decode and resize every file again.
         def decoded(samples):
             return data.decode_to_uint8(samples, preprocessing.resize_size, crop_size=preprocessing.crop_size,
-                                        interpolation=preprocessing.interpolation, on_bad_image=config.on_bad_image)
+                                        interpolation=preprocessing.interpolation, on_bad_image=config.on_bad_image,
+                                        spill_dir=None if in_memory else spill_dir)
 
         train_images, val_images = decoded(split.train), decoded(split.val)
         train_set = data.InMemoryDataset.from_decoded(train_images, train_transform)
         val_set = data.InMemoryDataset.from_decoded(val_images, eval_transform)
+        if not in_memory:  # still the files' images: a feature cache on disk is keyed by them
+            train_set.samples, val_set.samples = train_images.samples, val_images.samples
         bad, val_samples = train_images.bad + val_images.bad, val_images.samples
+        where = "memory (decoded once)" if in_memory else f"disk (decoded once, memory-mapped from {spill_dir})"
     else:
+        log.warning("decoded images (%.0f MiB) fit neither the memory budget nor the free disk of %s; decoding "
+                    "every file again every epoch", nbytes / 2**20, spill_dir)
+        where = "files (decoded every epoch)"
         train_samples, train_bad = data.check_images(split.train, config.on_bad_image)
         val_samples, val_bad = data.check_images(split.val, config.on_bad_image)
         train_set = data.ImageDataset(train_samples, train_transform)
         val_set = data.ImageDataset(val_samples, eval_transform)
         bad = train_bad + val_bad
+    val_path = where
+    if config.val_data is not None:
+        val_set, val_samples, val_bad = validation_dataset(config.val_data, split.classes, eval_transform,
+                                                           config.on_bad_image, image_column=config.image_column,
+                                                           label_column=config.label_column)
+        bad, val_path = bad + val_bad, VAL_PATHS[source_kind(config.val_data)]
+        split.split_info.update(val_data=config.val_data, val_kind=source_kind(config.val_data))
     require_trainable(split, list(train_set.targets), list(val_set.targets), len(bad))  # after dropping unreadable files
+    split.split_info.update(train_path=where, val_path=val_path)  # report.json: where each split's images came from
     return split, train_set, val_set, val_samples, bad, preprocessing
 
 
+def _streamed(config: TrainConfig, train_transform, eval_transform):
+    """Training shards streamed (data/shards.py): nothing is listed, decoded ahead or cached."""
+    streamed = streamed_datasets(config.data, config.val_data, train_transform, eval_transform, seed=config.seed,
+                                 epoch_samples=config.epoch_samples, rank=distributed.rank(),
+                                 world=distributed.world_size(), on_bad_image=config.on_bad_image,
+                                 balance=config.balance)
+    split = DatasetSplit(streamed.classes, [], [], source="shards", split_info=streamed.split_info)
+    return split, streamed.train_set, streamed.val_set, streamed.val_samples, streamed.bad
+
+
+def _from_hf(config: TrainConfig, train_transform, eval_transform):
+    """``hf:`` data (data/hf_datasets.py): rows read from the dataset's memory-mapped Arrow files."""
+    loaded = hf_datasets(config.data, config.val_data, train_transform, eval_transform, seed=config.seed,
+                         val_split=config.val_split, on_bad_image=config.on_bad_image,
+                         image_column=config.image_column, label_column=config.label_column)
+    split = DatasetSplit(loaded.classes, [], [], source="hf", split_info=loaded.split_info)
+    require_trainable(split, list(loaded.train_set.targets), list(loaded.val_set.targets), len(loaded.bad))
+    return split, loaded.train_set, loaded.val_set, loaded.val_samples, loaded.bad
+
+
 def _train_loader(dataset: Dataset, config: TrainConfig, workers: int, device: torch.device) -> DataLoader:
+    if isinstance(dataset, IterableDataset):
+        # The stream splits itself between processes and workers and orders each epoch by its
+        # set_epoch; workers are started per epoch so that they see that epoch.
+        batch_size = distributed.per_process_batch_size(config.batch_size)
+        if workers > dataset.readers_per_process:
+            log.info("%d loader workers for %d shard(s) per process: using %d (each worker reads its own shards)",
+                     workers, dataset.readers_per_process, dataset.readers_per_process)
+            workers = dataset.readers_per_process
+        return DataLoader(dataset, batch_size=batch_size, num_workers=workers, drop_last=len(dataset) % batch_size == 1,
+                          pin_memory=device.type == "cuda")
     # Under torchrun each process takes its share of the epoch's order and of the global batch.
     sampler = distributed.shard_sampler(EpochSampler(len(dataset), config.seed))
     batch_size = distributed.per_process_batch_size(config.batch_size)
@@ -229,11 +290,14 @@ def _train_loader(dataset: Dataset, config: TrainConfig, workers: int, device: t
 
 
 def _eval_loader(dataset: Dataset, batch_size: int, workers: int, device: torch.device) -> DataLoader:
+    if isinstance(dataset, IterableDataset):  # streamed validation: every process reads all of it
+        return DataLoader(dataset, batch_size=batch_size, num_workers=0, pin_memory=device.type == "cuda")
     # Each process evaluates its unpadded shard; loops.evaluate sums the metrics over processes.
     return DataLoader(dataset, batch_size=batch_size, sampler=distributed.make_eval_sampler(dataset),
                       num_workers=workers, persistent_workers=workers > 0, pin_memory=device.type == "cuda")
 
 
+DECODED_SPILL_DIR = "decoded"  # under the cache folder: decoded images over the memory budget, memory-mapped
 COMPILE_CACHES = {"TORCHINDUCTOR_CACHE_DIR": "torchinductor", "TRITON_CACHE_DIR": "triton"}
 
 
