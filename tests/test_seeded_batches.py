@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 from torch.utils.data import DataLoader, default_collate
+from torchvision.transforms import v2
 
 from visiontune.data import InMemoryDataset, build_transforms
 from visiontune.data.transforms import TrainTransform
@@ -96,3 +97,10 @@ def test_finishing_a_stack_equals_finishing_each_image():
     train, _ = build_transforms(SMALL, "basic")
     crops = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     assert torch.equal(train.finish_batch(crops), torch.stack([train.finish(crop) for crop in crops]))
+
+
+def test_the_train_transform_describes_itself_as_one_compose():
+    # The disk feature cache keys on repr(transform): splitting it in two must not change the key.
+    train, _ = build_transforms(SMALL, "basic")
+    assert repr(train) == repr(v2.Compose([*train.augment.transforms, *train.finish.transforms]))
+    assert repr(train).startswith("Compose(") and "RandomResizedCrop" in repr(train) and "Normalize" in repr(train)

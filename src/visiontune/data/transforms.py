@@ -151,7 +151,8 @@ class TrainTransform:
         return self.finish(images)
 
     def __repr__(self) -> str:
-        return f"TrainTransform({self.augment}, {self.finish})"
+        # The one Compose it was before: the disk feature cache keys on this text.
+        return repr(v2.Compose([*self.augment.transforms, *self.finish.transforms]))
 
 
 def _to_normalized_tensor(preprocessing: Preprocessing) -> list[Callable]:
