@@ -127,7 +127,32 @@ def build_transforms(preprocessing: Preprocessing, augment: str = "basic") -> tu
         steps.append(v2.TrivialAugmentWide(interpolation=interpolation))
     elif augment == "randaugment":
         steps.append(v2.RandAugment(interpolation=interpolation))
-    return v2.Compose([*steps, *_to_normalized_tensor(preprocessing)]), eval_transform
+    return TrainTransform(v2.Compose(steps), v2.Compose(_to_normalized_tensor(preprocessing))), eval_transform
+
+
+class TrainTransform:
+    """The random training augmentation: ``augment`` (geometric and colour steps on the uint8 image
+    or the picture) then ``finish`` (to float, scaled, normalised), as one callable.
+
+    Kept as two parts so a batch of decoded images can be augmented image by image and then
+    finished once, stacked (:meth:`finish_batch`): the finishing steps are elementwise (convert,
+    scale, subtract, divide), so doing them on the stack gives the same numbers bit for bit as
+    doing them on each image, at a small fraction of the per-call overhead (~55 us per image vs
+    ~6 on a 2-core CPU, 64 px)."""
+
+    def __init__(self, augment: v2.Compose, finish: v2.Compose):
+        self.augment, self.finish = augment, finish
+
+    def __call__(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
+        return self.finish(self.augment(image))
+
+    def finish_batch(self, images: torch.Tensor) -> torch.Tensor:
+        """``finish`` on a stacked uint8 ``NCHW`` batch of augmented images."""
+        return self.finish(images)
+
+    def __repr__(self) -> str:
+        # The one Compose it was before: the disk feature cache keys on this text.
+        return repr(v2.Compose([*self.augment.transforms, *self.finish.transforms]))
 
 
 def _to_normalized_tensor(preprocessing: Preprocessing) -> list[Callable]:
@@ -145,6 +170,8 @@ def is_deterministic(transform: Callable) -> bool:
         return all(is_deterministic(step) for step in transform.transforms)
     if isinstance(transform, EvalTransform):
         return is_deterministic(transform.finish)
+    if isinstance(transform, TrainTransform):
+        return is_deterministic(transform.augment) and is_deterministic(transform.finish)
     return isinstance(transform, _DETERMINISTIC)
 
 

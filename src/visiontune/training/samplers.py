@@ -37,7 +37,12 @@ class EpochSampler(Sampler):
 
 class SeededSamples(Dataset):
     """``dataset[index]`` computed under torch and Python RNGs seeded with the sampler's per-image
-    seed, leaving the process's own RNG streams untouched."""
+    seed, leaving the process's own RNG streams untouched.
+
+    The data loader fetches a whole batch through :meth:`__getitems__`: the process's RNG states
+    are saved and restored once per batch rather than once per image, and each image is still
+    computed right after its own seed is set, so its augmentation depends on ``(index, seed)``
+    alone, never on the other images of the batch."""
 
     def __init__(self, dataset: Dataset):
         self.dataset = dataset
@@ -47,15 +52,32 @@ class SeededSamples(Dataset):
 
     def __getitem__(self, key: tuple[int, int]):
         index, seed = key
-        with _seeded(seed):
+        with _restored_rng():
+            _reseed(seed)
             return self.dataset[index]
+
+    def __getitems__(self, keys: list[tuple[int, int]]) -> list:
+        indices, seeds = [index for index, _ in keys], [seed for _, seed in keys]
+        with _restored_rng():
+            get_batch = getattr(self.dataset, "get_batch", None)  # InMemoryDataset: normalises once per batch
+            if get_batch is not None:
+                return get_batch(indices, before_each=lambda position: _reseed(seeds[position]))
+            items = []
+            for index, seed in keys:
+                _reseed(seed)
+                items.append(self.dataset[index])
+            return items
+
+
+def _reseed(seed: int) -> None:
+    torch.random.default_generator.manual_seed(seed)  # CPU generator only: CUDA streams stay untouched
+    random.seed(seed)
 
 
 @contextmanager
-def _seeded(seed: int):
+def _restored_rng():
+    """Whatever the body seeds, the process's torch (CPU) and Python RNG states afterwards are the ones before."""
     torch_state, python_state = torch.get_rng_state(), random.getstate()
-    torch.random.default_generator.manual_seed(seed)  # CPU generator only: CUDA streams stay untouched
-    random.seed(seed)
     try:
         yield
     finally:
