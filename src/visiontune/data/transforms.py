@@ -143,7 +143,7 @@ def crop_scale(crop_size: int) -> tuple[float, float]:
     torchvision's 0.08 (ImageNet at 224 px, and every size from 177 px up) and ``MAX_MIN_SCALE``.
 
     At 64 px torchvision's 0.08 keeps an 18-pixel patch, blown up to 64: on small images that
-    destroys the object (benchmarks/recipes.md: icons 0.??? with 0.08-1 vs 0.??? with 0.6-1)."""
+    destroys the object (benchmarks/recipes.md compares both on its icons)."""
     lowest = (MIN_CROP_SIDE / crop_size) ** 2
     return (min(MAX_MIN_SCALE, max(TORCHVISION_MIN_SCALE, lowest)), 1.0)
 
