@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
             results.append(row)
             results_file.write_text(json.dumps(results, indent=1))
             print(json.dumps(row)[:300], flush=True)
-    print(f"\n| set | recipe | tag | val acc | wall s |\n|---|---|---|---|---|")
+    print("\n| set | recipe | tag | val acc | wall s |\n|---|---|---|---|---|")
     for row in results:
         acc = row.get("val_acc")
         print(f"| {row['set']} | {row['recipe']} | {row['tag']} | {'ERR' if acc is None else f'{acc:.3f}'} | {row['wall_s']:.0f} |")
