@@ -131,7 +131,6 @@ def demo_train_config(options: DemoOptions, data: Path, weights: Path, run_dir: 
         image_size=options.image_size,
         lr=options.lr / GRADUAL_UNFREEZE_LR_RATIO,  # gradual trains at lr * ratio after unfreezing
         head_lr=options.lr * 10,
-        label_smoothing=0.0,  # the demo's accuracy was measured without smoothing
         warmup_epochs=0.25,
         augment="none",  # flips and crops would turn digits into other digits
         seed=options.seed,
