@@ -98,3 +98,10 @@ def test_cli_unknown_yaml_key_exits_2(tmp_path, capsys):
     assert main(["train", "--config", str(config_file)]) == 2
     err = capsys.readouterr().err
     assert "epocs" in err and "valid keys" in err
+
+
+def test_the_recipe_defaults_of_benchmarks_recipes_md():
+    # Chosen from the experiments in benchmarks/recipes.md (issue 13): a change here must come with new figures there.
+    config = TrainConfig()
+    assert (config.strategy, config.batch_size, config.lr, config.label_smoothing) == ("full", 64, 1e-3, 0.0)
+    assert config.head_lr is None and config.ema == 0.0 and config.augment == "basic"

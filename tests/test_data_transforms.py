@@ -7,10 +7,11 @@ import pytest
 import torch
 from PIL import Image
 from torchvision.models import ResNet18_Weights
-from torchvision.transforms import InterpolationMode
+from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms._presets import ImageClassification
 
 from visiontune.data import AUGMENTATIONS, build_batch_mixer, build_transforms, is_deterministic
+from visiontune.data.transforms import crop_scale
 from visiontune.errors import ConfigError
 from visiontune.model.preprocessing import Preprocessing
 
@@ -98,3 +99,14 @@ def test_mixer_rejects_bad_values():
         build_batch_mixer(5, mixup=-1)
     with pytest.raises(ConfigError, match="2 classes"):
         build_batch_mixer(1, cutmix=1.0)
+
+
+@pytest.mark.parametrize("crop_size, lowest", [(32, 0.6), (64, 0.6), (96, (50 / 96) ** 2), (128, (50 / 128) ** 2),
+                                               (224, 0.08), (384, 0.08)])
+def test_random_resized_crop_scale_grows_as_the_image_shrinks(crop_size: int, lowest: float):
+    # torchvision's 0.08 keeps an 18-px patch of a 64-px image; the crop keeps >= 50 px of side,
+    # between 0.08 (large images) and 0.6 (tiny ones).
+    assert crop_scale(crop_size) == pytest.approx((lowest, 1.0))
+    train, _ = build_transforms(Preprocessing(resize_size=crop_size, crop_size=crop_size), "basic")
+    crop = next(step for step in train.transforms if isinstance(step, v2.RandomResizedCrop))
+    assert tuple(crop.scale) == pytest.approx((lowest, 1.0))

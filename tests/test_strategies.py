@@ -7,7 +7,8 @@ import torch
 
 from visiontune.config import config_from_dict
 from visiontune.training.loops import set_train_mode
-from visiontune.training.strategies import HEAD_LR_MULTIPLIER, apply_phase, build_optimizer, plan_phases
+from visiontune.training.strategies import (GRADUAL_UNFREEZE_LR_RATIO, HEAD_LR_MULTIPLIER, apply_phase,
+                                             build_optimizer, plan_phases)
 
 MODEL = "mobilenet_v3_small"
 LR = 0.01
@@ -86,7 +87,7 @@ def test_partial_trains_the_last_groups_and_the_head():
     assert len(expected) < len(list(model.parameters()))
 
 
-def test_gradual_trains_the_head_first_then_everything_with_discriminative_rates():
+def test_gradual_trains_the_head_first_then_everything_at_half_the_rates_discriminatively():
     config, model, phases = setup("gradual", freeze_epochs=1)
     assert [(p.name, p.start_epoch, p.end_epoch, p.train) for p in phases] == [("head", 0, 1, "head"),
                                                                                 ("full", 1, 3, "all")]
@@ -99,7 +100,18 @@ def test_gradual_trains_the_head_first_then_everything_with_discriminative_rates
     rates = lr_by_parameter(model, build_optimizer(model, phases[1], config))
     head = head_parameters(model)
     backbone = [rates[name] for name, _ in model.named_parameters() if name not in head]
-    assert max(backbone) == pytest.approx(LR) and min(backbone) == pytest.approx(LR / 10)
+    # After unfreezing every rate is halved (fastai's fine_tune does the same): the head keeps
+    # what it learnt on frozen features instead of being knocked back by full-rate first steps.
+    half = GRADUAL_UNFREEZE_LR_RATIO
+    assert max(backbone) == pytest.approx(LR * half) and min(backbone) == pytest.approx(LR * half / 10)
+    assert [rates[name] for name in head] == pytest.approx([10 * LR * half] * len(head))
+
+
+def test_only_gradual_halves_the_rates_of_its_phase_after_unfreezing():
+    # full trains everything from epoch 0: nothing to protect, so its rates stay whole.
+    config, model, phases = setup("full")
+    apply_phase(model, phases[0])
+    assert max(lr_by_parameter(model, build_optimizer(model, phases[0], config)).values()) == pytest.approx(10 * LR)
 
 
 def test_frozen_batchnorm_keeps_its_statistics_while_the_head_trains():

@@ -31,6 +31,12 @@ INTERPOLATIONS = {
     "nearest": InterpolationMode.NEAREST,
 }
 
+# RandomResizedCrop's lowest crop area scales with the image size (see crop_scale): 0.6 at 64 px, as
+# careful small-image recipes use, and torchvision's 0.08 from 177 px up.
+MIN_CROP_SIDE = 50  # pixels of side a random crop keeps at least (at 64 px: scale 0.61, capped to 0.6)
+TORCHVISION_MIN_SCALE = 0.08
+MAX_MIN_SCALE = 0.6  # even tiny crops still vary: the crop covers 60-100 % of the image
+
 # Transforms whose output depends only on their input. Anything not listed (including transforms
 # added later) counts as random, so a feature cache is never fed augmented images by mistake.
 _DETERMINISTIC = (
@@ -120,7 +126,8 @@ def build_transforms(preprocessing: Preprocessing, augment: str = "basic") -> tu
         return eval_transform, eval_transform
     interpolation = interpolation_mode(preprocessing.interpolation)
     steps: list[Callable] = [
-        v2.RandomResizedCrop(preprocessing.crop_size, interpolation=interpolation, antialias=True),
+        v2.RandomResizedCrop(preprocessing.crop_size, scale=crop_scale(preprocessing.crop_size),
+                             interpolation=interpolation, antialias=True),
         v2.RandomHorizontalFlip(),
     ]
     if augment == "trivial":
@@ -153,6 +160,17 @@ class TrainTransform:
     def __repr__(self) -> str:
         # The one Compose it was before: the disk feature cache keys on this text.
         return repr(v2.Compose([*self.augment.transforms, *self.finish.transforms]))
+
+
+def crop_scale(crop_size: int) -> tuple[float, float]:
+    """RandomResizedCrop's ``scale`` (the range of the crop's area, as a fraction of the image) for
+    ``crop_size``-pixel crops: the crop keeps a side of at least ``MIN_CROP_SIDE`` pixels, between
+    torchvision's 0.08 (ImageNet at 224 px, and every size from 177 px up) and ``MAX_MIN_SCALE``.
+
+    At 64 px torchvision's 0.08 keeps an 18-pixel patch, blown up to 64: on small images that
+    destroys the object (benchmarks/recipes.md compares both on its icons)."""
+    lowest = (MIN_CROP_SIDE / crop_size) ** 2
+    return (min(MAX_MIN_SCALE, max(TORCHVISION_MIN_SCALE, lowest)), 1.0)
 
 
 def _to_normalized_tensor(preprocessing: Preprocessing) -> list[Callable]:

@@ -96,3 +96,42 @@ def time_is_up(spent_seconds: float, next_epoch_seconds: float, final_seconds: f
     """The hard stop: would one more epoch (and the final evaluation after it) end the run more
     than :data:`TOLERANCE` past the budget? Then the run stops after the epoch it has just finished."""
     return spent_seconds + next_epoch_seconds + final_seconds > budget_seconds * (1 + TOLERANCE)
+
+
+# --budget without --image-size: the largest of these sizes (at most the weights' own) at which
+# TARGET_EPOCHS epochs fit the budget. benchmarks/recipes.md: five epochs at 64 px beat fewer at a
+# larger size on every set there; below SMALLEST_SIZE pretrained features collapse (the digits'
+# linear probe fell from ~80 % at 64 px to ~30 % at 32 px).
+CANDIDATE_SIZES = (384, 320, 288, 256, 224, 192, 160, 128, 112, 96, 80, 64)
+SMALLEST_SIZE = 64
+TARGET_EPOCHS = 5
+
+
+@dataclass
+class SizeChoice:
+    image_size: int
+    predicted_epoch_seconds: float  # at image_size, scaled from the measured size
+    explanation: str
+
+
+def choose_image_size(epoch_seconds: float, measured_size: int, budget_seconds: float, fixed_overhead: float, *,
+                      largest: int, target_epochs: int = TARGET_EPOCHS) -> SizeChoice:
+    """The largest size (of :data:`CANDIDATE_SIZES` up to ``largest``, the weights' own) at which
+    ``target_epochs`` epochs fit ``budget_seconds`` less ``fixed_overhead``, from one epoch's
+    measured ``epoch_seconds`` at ``measured_size`` px: a convolution's work grows with the
+    pixels, so an epoch at ``s`` px is estimated at ``epoch_seconds * (s / measured_size) ** 2``.
+    When not even the smallest fits, the smallest (the epochs then come from the budget)."""
+    sizes = [size for size in CANDIDATE_SIZES if SMALLEST_SIZE <= size <= largest] or [max(largest, 8)]
+    available = budget_seconds - fixed_overhead
+    for size in sizes:
+        estimate = max(0.0, epoch_seconds) * (size / measured_size) ** 2
+        if estimate * target_epochs <= available:
+            return SizeChoice(size, estimate, (
+                f"image size {size} px: the largest of up to {largest} px at which {target_epochs} epochs "
+                f"(~{estimate:.3g} s each, scaled from {epoch_seconds:.3g} s at {measured_size} px) fit the "
+                f"{available:.0f} s left of the budget"))
+    size = sizes[-1]
+    estimate = max(0.0, epoch_seconds) * (size / measured_size) ** 2
+    return SizeChoice(size, estimate, (
+        f"image size {size} px, the smallest tried: even there {target_epochs} epochs (~{estimate:.3g} s each) "
+        f"would not fit the {available:.0f} s left of the budget"))

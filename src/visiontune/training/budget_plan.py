@@ -20,7 +20,7 @@ from visiontune import distributed
 from visiontune.device import EVAL_PRECISION, autocast
 from visiontune.model.freeze import set_train_mode
 from visiontune.run.folder import capture_rng_state, restore_rng_state
-from visiontune.training.budget import choose_epochs, time_is_up
+from visiontune.training.budget import SizeChoice, choose_epochs, choose_image_size, time_is_up
 from visiontune.training.loops import train_step
 from visiontune.training.setup import TrainingSetup
 from visiontune.training.state import TrainingState
@@ -40,8 +40,25 @@ PROBE_VAL_BATCHES = 3  # validation batches timed the same way
 REPORT_SECONDS = 3.0
 
 
+def choose_size_for_budget(setup: TrainingSetup, budget_seconds: float, clock: Clock, started: float) -> SizeChoice:
+    """``--budget`` without ``--image-size``: time a few steps at the set-up's size (the weights'
+    own) and choose the size at which enough epochs fit (:func:`~visiontune.training.budget.choose_image_size`).
+    The steps are undone, as :func:`plan_budget`'s are."""
+    seconds_per_step, train_startup = _time_each_phase(setup, clock)[-1]
+    seconds_per_val_batch, val_startup = _time_val_batches(setup, clock)
+    epoch_seconds = (seconds_per_step * len(setup.train_loader) + seconds_per_val_batch * len(setup.val_loader)
+                     + train_startup + val_startup)
+    size = setup.preprocessing.crop_size
+    # Setting up again at the new size costs about what the first set-up did; the report about as much as now.
+    overhead = 2 * (clock() - started) + REPORT_SECONDS
+    choice = choose_image_size(epoch_seconds, size, budget_seconds, overhead, largest=size)
+    choice = distributed.broadcast_object(choice)  # every process trains at rank 0's choice
+    log.info("time budget: %s", choice.explanation)
+    return choice
+
+
 def plan_budget(setup: TrainingSetup, budget_text: str, budget_seconds: float, clock: Clock,
-                started: float) -> dict:
+                started: float, size_choice: SizeChoice | None = None) -> dict:
     """Time a few steps, choose ``setup.config.epochs`` (and re-plan the phases) so that the run
     ends within the budget, log why, and return the record for ``TrainingState.budget``.
 
@@ -81,6 +98,9 @@ def plan_budget(setup: TrainingSetup, budget_text: str, budget_seconds: float, c
         "spent_seconds": spent,  # updated after every epoch
         "stopped_for_time": False,
     }
+    if size_choice is not None:  # the image size was left open and chosen for the budget
+        record["image_size"] = size_choice.image_size
+        record["image_size_explanation"] = size_choice.explanation
     record = distributed.broadcast_object(record)  # one plan for every process: rank 0's measurement
     config.epochs = record["epochs"]
     setup.phases = plan_phases(config)

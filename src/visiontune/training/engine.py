@@ -30,7 +30,7 @@ from visiontune.run.folder import (LAST_CHECKPOINT, capture_rng_state, check_run
                                    save_best_weights, save_training_state, write_metrics_csv, write_run_header)
 from visiontune.training.ema import WeightAverage, make_weight_average
 from visiontune.training.budget import parse_budget
-from visiontune.training.budget_plan import BudgetWatch, Clock, plan_budget
+from visiontune.training.budget_plan import BudgetWatch, Clock, choose_size_for_budget, plan_budget
 from visiontune.training.final_artifacts import TensorBoardLog, write_final_artifacts
 from visiontune.training.loops import (EpochStats, Evaluation, NonFiniteLossError, evaluate, require_finite,
                                        train_one_epoch)
@@ -131,7 +131,13 @@ def _train(config: TrainConfig, *, overwrite: bool, reporter: Reporter | None, c
         _apply_lr_finder(setup)
     state = TrainingState()
     if budget_seconds is not None:  # chooses setup.config.epochs, so before config.yaml is written
-        state.budget = plan_budget(setup, config.budget, budget_seconds, clock, started)
+        size_choice = None
+        if config.image_size is None:  # left open: the budget chooses it too
+            size_choice = choose_size_for_budget(setup, budget_seconds, clock, started)
+            config.image_size = size_choice.image_size
+            if size_choice.image_size != setup.preprocessing.crop_size:
+                setup = build_training(config)
+        state.budget = plan_budget(setup, config.budget, budget_seconds, clock, started, size_choice)
     distributed.on_main_process(prepare_run_dir, run_dir, overwrite=overwrite)
     try:
         write_run_header(run_dir, setup.config, setup.classes, setup.preprocessing)

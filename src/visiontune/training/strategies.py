@@ -10,8 +10,9 @@ partial       one phase: the last ``train_groups`` layer groups and the head
 full          one phase: everything; the head at ``head_lr`` (default 10x ``lr``),
               the backbone at ``lr``; with ``layer_decay`` the group next to the head
               at ``lr`` and each earlier group at ``layer_decay`` times the next
-gradual       ``freeze_epochs`` of the head alone, then everything with
-              discriminative rates (``layer_decay``, default spreading ``lr`` over
+gradual       ``freeze_epochs`` of the head alone, then everything at half the
+              rates (``GRADUAL_UNFREEZE_LR_RATIO``, with its own warmup) and
+              discriminative (``layer_decay``, default spreading ``lr`` over
               the layer groups down to ``lr / 10`` at the input)
 ============  =====================================================================
 
@@ -37,6 +38,10 @@ log = logging.getLogger(__name__)
 
 HEAD_LR_MULTIPLIER = 10.0  # a new, randomly initialised head learns faster than pretrained layers
 GRADUAL_LOWEST_LR_RATIO = 0.1  # gradual: the input-side group trains at lr * this, the last at lr
+# gradual: every rate of the phase after unfreezing is multiplied by this (fastai's fine_tune halves
+# its rate there too). The head arrives trained on frozen features; at the full rate the first steps
+# through a backbone whose BatchNorm statistics start moving undo it (the demo's loss jumped 0.85 -> 2.39).
+GRADUAL_UNFREEZE_LR_RATIO = 0.5
 _FUSED_DEVICES = ("cpu", "cuda")  # where torch ships fused AdamW kernels
 
 
@@ -100,6 +105,13 @@ def layer_decay_for(model: nn.Module, phase: Phase, config: TrainConfig,
     return GRADUAL_LOWEST_LR_RATIO ** (1.0 / (backbone_groups - 1))
 
 
+def unfreeze_lr_ratio(phase: Phase, config: TrainConfig) -> float:
+    """What gradual's phase after unfreezing multiplies every rate by (1 elsewhere)."""
+    if config.strategy == "gradual" and phase.train == "all" and phase.start_epoch > 0:
+        return GRADUAL_UNFREEZE_LR_RATIO
+    return 1.0
+
+
 def learning_rate_groups(model: nn.Module, phase: Phase, config: TrainConfig,
                          anatomy: Anatomy | None = None) -> list[dict]:
     """Optimizer parameter groups of the trainable parameters, each with its peak ``lr``."""
@@ -116,11 +128,12 @@ def learning_rate_groups(model: nn.Module, phase: Phase, config: TrainConfig,
         weight_decay=config.weight_decay,
         anatomy=anatomy,
     )
+    scale = unfreeze_lr_ratio(phase, config)
     kept = []
     for group in groups:
         params = [p for p in group["params"] if p.requires_grad]
         if params:
-            kept.append({**group, "params": params, "peak_lr": group["lr"]})
+            kept.append({**group, "params": params, "lr": group["lr"] * scale, "peak_lr": group["lr"] * scale})
     if not kept:
         raise ValueError(f"phase {phase.name} leaves no parameter to train")
     return kept
