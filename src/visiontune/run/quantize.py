@@ -182,7 +182,7 @@ def quantize_run(run_dir: str | Path, mode: str, out: str | Path | None = None, 
         if clash is not None:
             raise ConfigError(f"--out {path} would overwrite the run's own {clash}; choose another file "
                               f"(default: {Path(run_dir) / f'model.{mode}.onnx'})")
-    calibration, validation, labels = _run_images(run, calibration_images, seed)
+    calibration, validation, labels = run_images(run, calibration_images, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
         fp32 = export_model(run.model, Path(scratch) / "fp32.onnx", "onnx", validation[:2])
@@ -218,7 +218,7 @@ _FP16_SETTINGS = {"method": "onnxruntime.transformers.float16.convert_float_to_f
                   "inputs_outputs": "float32"}
 
 
-def _run_images(run, calibration_count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def run_images(run, calibration_count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(calibration images from the training split, validation images, their labels in the run's
     class order), all through the run's evaluation transform."""
     data = run.config.data
