@@ -115,7 +115,6 @@ def measure(run_dir: Path, threads: int, rounds: int) -> dict:
         quantize_run(run_dir, mode, max_accuracy_drop=100.0)  # measured here, not judged
         sizes[f"onnx-{mode}"] = (run_dir / f"model.{mode}.onnx").stat().st_size
     _, images, labels = run_images(run, 1, 0)  # the validation tensors quantize_run judged on
-    del validation_inputs  # (the same transform; run_images also gives the labels)
 
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
