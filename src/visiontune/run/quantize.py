@@ -184,32 +184,34 @@ def quantize_run(run_dir: str | Path, mode: str, out: str | Path | None = None, 
                               f"(default: {Path(run_dir) / f'model.{mode}.onnx'})")
     calibration, validation, labels = run_images(run, calibration_images, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # Everything is written in a scratch folder beside the target and judged there; only then is the
+    # file moved into place, as FILE or as FILE.rejected (one rename: never a half-judged file at FILE).
     with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
         fp32 = export_model(run.model, Path(scratch) / "fp32.onnx", "onnx", validation[:2])
         exact = verify_export(run.model, fp32, "onnx", validation, "validation images", tolerance)
         if not exact.passed:
             raise ExportVerificationError(f"the float32 ONNX export differs from PyTorch by {exact.max_abs_diff:.3g} "
                                           "before any quantization; export without --quantize to see why")
+        converted = quantize_onnx(fp32, Path(scratch) / f"{mode}.onnx", mode,
+                                  calibration.numpy() if mode == "int8" else None)
+        sizes = {"fp32": fp32.stat().st_size, mode: converted.stat().st_size}
+        check = compare_accuracy(run.model, converted, validation, labels, max_accuracy_drop, sizes)
+        target = path if check.passed else path.with_name(path.name + ".rejected")
         with atomic_files(path.parent) as staging:
-            quantize_onnx(fp32, staging / path.name, mode, calibration.numpy() if mode == "int8" else None)
-        sizes = {"fp32": fp32.stat().st_size, mode: path.stat().st_size}
-    check = compare_accuracy(run.model, path, validation, labels, max_accuracy_drop, sizes)
-    metadata = describe_export("onnx", path, tuple(validation.shape[1:]), run.classes, run.preprocessing.to_dict(),
+            os.replace(converted, staging / target.name)
+    metadata = describe_export("onnx", target, tuple(validation.shape[1:]), run.classes, run.preprocessing.to_dict(),
                                run.config.model)
     metadata["checkpoint"] = checkpoint
     metadata["quantization"] = {"mode": mode, **(_INT8_SETTINGS if mode == "int8" else _FP16_SETTINGS),
                                 "calibration": {"images": len(calibration), "seed": seed} if mode == "int8" else None}
     metadata["verification"] = check.to_dict()
+    metadata_path = write_metadata(target, metadata)
     if not check.passed:
-        rejected = path.with_name(path.name + ".rejected")
-        os.replace(path, rejected)
-        metadata["file"] = rejected.name
-        write_metadata(rejected, metadata)
         raise ExportVerificationError(
             f"the {mode} model's top-1 accuracy on {check.num_images} validation images is "
             f"{check.exported_accuracy:.2%} against PyTorch's {check.pytorch_accuracy:.2%}: a drop of "
-            f"{check.accuracy_drop:.2f} points, more than --max-accuracy-drop {max_accuracy_drop:g}; kept as {rejected}")
-    return QuantizedExport(path, write_metadata(path, metadata), mode, check, metadata)
+            f"{check.accuracy_drop:.2f} points, more than --max-accuracy-drop {max_accuracy_drop:g}; kept as {target}")
+    return QuantizedExport(path, metadata_path, mode, check, metadata)
 
 
 _INT8_SETTINGS = {"method": "onnxruntime.quantization.quantize_static", "format": "QDQ", "weights": "int8, per channel",
