@@ -562,7 +562,8 @@ def test_fuzz_evaluate(world):
         target = c.paths[data.draw(st.sampled_from(corpus.PATH_CHOICES), label="data")] if "data" in hostile \
             else str(world.data / "val")
         extra = _extras(data, {"--batch-size": ["1", "100000"], "--checkpoint": ["last", "worst"],
-                               "--device": ["cpu", "cuda"], "--json": None}) if "flags" in hostile else []
+                               "--device": ["cpu", "cuda"], "--json": None, "--backend": ["onnx", "tensorrt"],
+                               "--model-file": ["missing.onnx"]}) if "flags" in hostile else []
         run_case(c, ["evaluate", "--run", run, "--data", target, "--device", "cpu", *extra])
 
     case()
@@ -582,7 +583,8 @@ def test_fuzz_predict(world):
                                                         max_size=3), label="paths")] if "paths" in hostile \
             else [str(world.data / "val")]
         extra = _extras(data, {"--top-k": ["1", "2", "100000"], "--batch-size": ["1", "100000"],
-                               "--checkpoint": ["last", "worst"], "--json": None}) if "flags" in hostile else []
+                               "--checkpoint": ["last", "worst"], "--json": None, "--backend": ["onnx", "tensorrt"],
+                               "--model-file": ["missing.onnx"]}) if "flags" in hostile else []
         run_case(c, ["predict", "--run", run, *paths, "--device", "cpu", *extra])
 
     case()
@@ -647,8 +649,9 @@ def test_fuzz_export(world):
         if "out" in hostile:
             argv += ["--out", c.output(data.draw(st.sampled_from(["missing", "a_file", "empty_dir", "proc",
                                                                   "victim_link"]), label="out"))]
-        argv += _extras(data, {"--tolerance": ["1e-9", "1"], "--checkpoint": ["last", "worst"]}) \
-            if "flags" in hostile else []
+        argv += _extras(data, {"--tolerance": ["1e-9", "1"], "--checkpoint": ["last", "worst"],
+                               "--quantize": ["int8", "int4"], "--max-accuracy-drop": ["-1", "nan"],
+                               "--calibration-images": ["0", "1"]}) if "flags" in hostile else []
         if "onnx" in argv:  # onnxruntime itself keeps a device id in ~/.cache/Microsoft (README: Reliability)
             c.writable.append(world.env / "home" / ".cache")
         run_case(c, argv, writes_run=True)

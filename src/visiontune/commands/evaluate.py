@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 
-from visiontune.commands.common import add_run_arguments
+from visiontune.commands.common import add_backend_arguments, add_run_arguments, onnx_model_file
 from visiontune import distributed
 
 
@@ -20,7 +20,8 @@ def register(subparsers) -> None:
         description="Accuracy, top-5, macro-F1, loss and per-class precision/recall of a run's model on "
         "DIR/<class>/<image> (or DIR/val/<class>/... when DIR is a dataset root, or a CSV manifest).",
     )
-    add_run_arguments(parser, batch_size=64)
+    add_run_arguments(parser, batch_size=64, run_required=False)
+    add_backend_arguments(parser)
     parser.add_argument("--data", required=True, metavar="DIR", help="labelled folder of class sub-folders, or a CSV")
     parser.add_argument("--tta", action="store_true",
                         help="test-time augmentation: average each image's probabilities with its horizontal "
@@ -33,17 +34,29 @@ def run(args: argparse.Namespace) -> int:
     from visiontune.run.loaded import load_run
     from visiontune.run.inference import evaluate_run
 
-    # Under torchrun each process evaluates its share of the batches; all get the summed metrics.
-    with distributed.session():
-        loaded = load_run(args.run, checkpoint=args.checkpoint, device=args.device)
-        evaluation = evaluate_run(loaded, args.data, batch_size=args.batch_size, across_processes=True, tta=args.tta)
-    if not distributed.is_main_process():
-        return 0
+    model_file = onnx_model_file(args)
+    if model_file is not None:  # ONNX Runtime on the exported file: no run folder, no torch model
+        from visiontune.run.onnx_backend import OnnxClassifier
+        from visiontune.run.onnx_evaluate import evaluate_onnx
+
+        evaluation = evaluate_onnx(OnnxClassifier(model_file), args.data, batch_size=args.batch_size, tta=args.tta)
+        source, weights = model_file, "onnx"
+    else:
+        # Under torchrun each process evaluates its share of the batches; all get the summed metrics.
+        with distributed.session():
+            loaded = load_run(args.run, checkpoint=args.checkpoint, device=args.device)
+            evaluation = evaluate_run(loaded, args.data, batch_size=args.batch_size, across_processes=True,
+                                      tta=args.tta)
+        if not distributed.is_main_process():
+            return 0
+        source, weights = args.run, args.checkpoint
     if args.json:
-        result = {"run": str(args.run), "checkpoint": args.checkpoint, "tta": args.tta, **evaluation.to_dict()}
+        where = {"model_file": str(model_file), "backend": "onnx"} if model_file is not None else \
+            {"run": str(args.run), "checkpoint": args.checkpoint}
+        result = {**where, "tta": args.tta, **evaluation.to_dict()}
         print(json.dumps(result, indent=2))
     else:
-        print(format_evaluation(evaluation, args.run, args.checkpoint, tta=args.tta))
+        print(format_evaluation(evaluation, source, weights, tta=args.tta))
     for path, reason in evaluation.skipped:
         print(f"skipped unreadable image {path}: {reason}", file=sys.stderr)
     return 0
@@ -52,9 +65,9 @@ def run(args: argparse.Namespace) -> int:
 def format_evaluation(evaluation, run_dir, checkpoint: str, tta: bool = False) -> str:
     """The summary lines and the per-class table, for people."""
     metrics = evaluation.metrics
-    how = f"{checkpoint} checkpoint" + (", flip TTA" if tta else "")
+    how = ("ONNX Runtime" if checkpoint == "onnx" else f"{checkpoint} checkpoint") + (", flip TTA" if tta else "")
     lines = [
-        f"run {run_dir} ({how}) on {evaluation.data}: {metrics['num_images']} images",
+        f"{'model' if checkpoint == 'onnx' else 'run'} {run_dir} ({how}) on {evaluation.data}: {metrics['num_images']} images",
         f"  accuracy  {metrics['accuracy']:.2%}",
     ]
     if metrics["top5"] is not None:
