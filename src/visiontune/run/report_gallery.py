@@ -15,10 +15,11 @@ from pathlib import Path
 from visiontune.data import load_image
 from visiontune.data.images import BadImageError
 from visiontune.errors import ConfigError, VisiontuneError
-from visiontune.run.explain import ImageMaps, explain_images, import_grad_cam, png_bytes
+from visiontune.model.anatomy import Anatomy
+from visiontune.run.explain import ImageMaps, explain_images, find_target_layer, import_grad_cam, png_bytes
 from visiontune.run.files import run_file
 from visiontune.run.html_parts import escape, img, missing, read_csv, to_float
-from visiontune.run.loaded import load_run
+from visiontune.run.loaded import LoadedRun, load_run
 from visiontune.safe_yaml import load_yaml_text
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,10 @@ OVERLAY_METHOD = "gradcam"
 OVERLAY_TITLES = {f"{OVERLAY_METHOD} predicted": "why it said", f"{OVERLAY_METHOD} true": "evidence for"}
 
 
-def most_wrong_section(run_dir: Path, config_text: str | None, max_wrong: int, overlays: bool = True) -> str:
+def most_wrong_section(run_dir: Path, config_text: str | None, max_wrong: int, overlays: bool = True,
+                       trained: LoadedRun | None = None, anatomy: Anatomy | None = None) -> str:
+    """``trained``/``anatomy``: the model that just trained (best weights loaded, eval mode) and its
+    anatomy, so the end of a run neither rebuilds the model nor searches its layers again."""
     rows = read_csv(run_file(run_dir, "val_predictions.csv"))
     if rows is None:
         return missing("val_predictions.csv")
@@ -40,7 +44,7 @@ def most_wrong_section(run_dir: Path, config_text: str | None, max_wrong: int, o
     shown = wrong[:max_wrong]
     roots = image_roots(run_dir, config_text)
     found = [find_image(row.get("path", ""), roots) for row in shown]
-    maps, why_not = _overlays(run_dir, shown, found) if overlays and shown else ({}, None)
+    maps, why_not = _overlays(run_dir, shown, found, trained, anatomy) if overlays and shown else ({}, None)
     figures = [_figure(row, path, maps.get(index)) for index, (row, path) in enumerate(zip(shown, found))]
     with_maps = (" Next to each, Grad-CAM heat maps: where the model found evidence for the class it predicted, and "
                  "for the true class (an all-blue map: it found none)." if maps else "")
@@ -72,7 +76,8 @@ def _picture(image: str, title: str) -> str:
     return f'<div class="pic">{image}<span>{title}</span></div>'
 
 
-def _overlays(run_dir: Path, rows: list[dict], found: list[Path | None]) -> tuple[dict[int, ImageMaps], str | None]:
+def _overlays(run_dir: Path, rows: list[dict], found: list[Path | None], trained: LoadedRun | None,
+              anatomy: Anatomy | None) -> tuple[dict[int, ImageMaps], str | None]:
     """Grad-CAM maps of the found images by their index in ``rows``, or ({}, why not)."""
     try:
         import_grad_cam()
@@ -88,12 +93,14 @@ def _overlays(run_dir: Path, rows: list[dict], found: list[Path | None]) -> tupl
     if not pictures:
         return {}, "none of the images was found"
     try:
-        loaded = load_run(run_dir, device="cpu")
+        loaded = trained or load_run(run_dir, device="cpu")
+        target = find_target_layer(loaded.model, loaded.preprocessing.crop_size, anatomy)
         maps: dict[int, ImageMaps] = {}
         for start in range(0, len(pictures), OVERLAY_BATCH):
             chunk = pictures[start:start + OVERLAY_BATCH]
             labels = [rows[index].get("label") for index, _ in chunk]
-            results = explain_images(loaded, [picture for _, picture in chunk], labels, (OVERLAY_METHOD,))
+            results = explain_images(loaded, [picture for _, picture in chunk], labels, (OVERLAY_METHOD,),
+                                     target=target)
             maps.update((index, result) for (index, _), result in zip(chunk, results))
     except VisiontuneError as error:
         return {}, f"the run's model could not be loaded ({error})"

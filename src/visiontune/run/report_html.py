@@ -25,8 +25,10 @@ from pathlib import Path
 
 from visiontune.atomic_io import same_file, write_text_atomically
 from visiontune.errors import VisiontuneError
+from visiontune.model.anatomy import Anatomy
 from visiontune.run.files import run_file
 from visiontune.run.folder import REPORT_HTML, RUN_FILES, check_run_folder
+from visiontune.run.loaded import LoadedRun
 from visiontune.run.html_parts import (escape, find_key, format_cell, format_value, img, is_scalar, key_value_table,
                                        missing, pre, read_csv, read_json, read_text, render_value, scrolling,
                                        to_float)
@@ -71,11 +73,12 @@ figcaption{text-align:center;overflow-wrap:break-word;margin-top:.3em}.nowrap{wh
 
 
 def write_report(run_dir: str | Path, out: str | Path | None = None, max_wrong: int = MAX_WRONG,
-                 overlays: bool = True) -> Path:
+                 overlays: bool = True, trained: LoadedRun | None = None, anatomy: Anatomy | None = None) -> Path:
     """Write ``RUN/report.html`` (or ``out``) and return its path. ``overlays``: Grad-CAM maps
-    next to the most wrong images (needs grad-cam; runs the model on the CPU)."""
+    next to the most wrong images (needs grad-cam; runs the model on the CPU). ``trained``, ``anatomy``:
+    the model that just trained and its anatomy (see :func:`most_wrong_section`), else the run is loaded."""
     run_dir = Path(run_dir)
-    page = build_report(run_dir, max_wrong=max_wrong, overlays=overlays)
+    page = build_report(run_dir, max_wrong=max_wrong, overlays=overlays, trained=trained, anatomy=anatomy)
     path = Path(out) if out is not None else run_dir / REPORT_HTML
     _refuse_overwriting_the_run(run_dir, path)
     write_text_atomically(path, page)  # a reader never sees half a page; a symlink there is replaced
@@ -91,7 +94,8 @@ def _refuse_overwriting_the_run(run_dir: Path, path: Path) -> None:
                                   f"Choose another file (default: {run_dir / REPORT_HTML})")
 
 
-def build_report(run_dir: str | Path, max_wrong: int = MAX_WRONG, overlays: bool = True) -> str:
+def build_report(run_dir: str | Path, max_wrong: int = MAX_WRONG, overlays: bool = True,
+                 trained: LoadedRun | None = None, anatomy: Anatomy | None = None) -> str:
     """The report page as a string (see :func:`write_report`)."""
     run_dir = Path(run_dir)
     _require_run_dir(run_dir)
@@ -105,7 +109,7 @@ def build_report(run_dir: str | Path, max_wrong: int = MAX_WRONG, overlays: bool
         ("confusion", "Confusion matrix", _confusion_section(run_dir, report, classes)),
         ("per-class", "Per-class precision and recall", _per_class_section(report)),
         ("most-wrong", "Validation images it got most wrong",
-         most_wrong_section(run_dir, config_text, max_wrong, overlays=overlays)),
+         most_wrong_section(run_dir, config_text, max_wrong, overlays=overlays, trained=trained, anatomy=anatomy)),
         *([("audit", "Data audit", _audit_section(audit))] if audit is not None else []),
         ("summary", "Every value in report.json", _summary_section(report)),
         ("configuration", "Configuration (config.yaml)", pre(config_text) if config_text else missing("config.yaml")),

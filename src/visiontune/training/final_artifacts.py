@@ -15,6 +15,7 @@ from visiontune.distributed import is_main_process
 from visiontune.errors import CheckpointError
 from visiontune.training.loops import evaluate
 from visiontune.run.plots import plot_confusion, plot_curves
+from visiontune.run.loaded import LoadedRun
 from visiontune.run.report_html import write_report
 from visiontune.run.folder import (BEST_WEIGHTS, CONFUSION_FILE, CURVES_FILE, REPORT_FILE, TENSORBOARD_DIR,
                                    write_json, write_metrics_csv, write_val_predictions)
@@ -85,7 +86,11 @@ def write_final_artifacts(setup: TrainingSetup, state: TrainingState, run_dir: P
     write_metrics_csv(run_dir, state.history)
     write_json(run_dir / REPORT_FILE, _report(setup, state, evaluation.metrics, evaluation.seconds))
     _plot(state.history, evaluation.metrics["confusion"], classes, run_dir)
-    write_report(run_dir)  # report.html: reads back what was just written
+    # report.html reads back what was just written; its Grad-CAM overlays use the model in hand
+    # (best weights loaded above) rather than rebuilding it from the folder.
+    setup.model.eval()
+    trained = LoadedRun(setup.model, list(classes), setup.preprocessing, setup.config, run_dir)
+    write_report(run_dir, trained=trained, anatomy=setup.anatomy)
     return evaluation.metrics
 
 
