@@ -108,5 +108,17 @@ def test_random_resized_crop_scale_grows_as_the_image_shrinks(crop_size: int, lo
     # between 0.08 (large images) and 0.6 (tiny ones).
     assert crop_scale(crop_size) == pytest.approx((lowest, 1.0))
     train, _ = build_transforms(Preprocessing(resize_size=crop_size, crop_size=crop_size), "basic")
-    crop = next(step for step in train.transforms if isinstance(step, v2.RandomResizedCrop))
+    crop = next(step for step in train.augment.transforms if isinstance(step, v2.RandomResizedCrop))
     assert tuple(crop.scale) == pytest.approx((lowest, 1.0))
+
+
+@pytest.mark.parametrize("augment", ["trivial", "randaugment"])
+def test_policies_run_on_decoded_tensors_of_a_bicubic_model(augment: str):
+    # The decoded-image cache hands uint8 tensors to the train transform; torchvision's tensor
+    # rotations and shears refuse bicubic, which most timm weights (EfficientNet-Lite0's included) use.
+    preprocessing = Preprocessing(crop_size=24, resize_size=28, interpolation="bicubic")
+    train, _ = build_transforms(preprocessing, augment=augment)
+    decoded = torch.from_numpy(np.asarray(photo().resize((28, 28)))).permute(2, 0, 1).contiguous()
+    for seed in range(20):  # enough draws that some rotate or shear
+        torch.manual_seed(seed)
+        assert train(decoded).shape == (3, 24, 24)

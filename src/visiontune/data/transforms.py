@@ -130,10 +130,13 @@ def build_transforms(preprocessing: Preprocessing, augment: str = "basic") -> tu
                              interpolation=interpolation, antialias=True),
         v2.RandomHorizontalFlip(),
     ]
+    # The rotations and shears of these policies run on decoded uint8 tensors, where torchvision
+    # supports only nearest and bilinear: a bicubic model (most timm weights) gets bilinear here.
+    policy_interpolation = interpolation if interpolation == InterpolationMode.NEAREST else InterpolationMode.BILINEAR
     if augment == "trivial":
-        steps.append(v2.TrivialAugmentWide(interpolation=interpolation))
+        steps.append(v2.TrivialAugmentWide(interpolation=policy_interpolation))
     elif augment == "randaugment":
-        steps.append(v2.RandAugment(interpolation=interpolation))
+        steps.append(v2.RandAugment(interpolation=policy_interpolation))
     return TrainTransform(v2.Compose(steps), v2.Compose(_to_normalized_tensor(preprocessing))), eval_transform
 
 
