@@ -111,6 +111,13 @@ class TrainConfig:
     compile: bool = field(default=False, metadata=_option("torch.compile the model (slow to start; opt-in)"))
     out: str | None = field(default=None, metadata=_option(
         "run folder to create (default: runs/<model>-<timestamp>)", metavar="RUN"))
+    task: str = field(default="auto", metadata=_option(
+        "single: one class per image; multilabel: any number per image (CSV path,labels with cat|dog, or one 0/1 "
+        "column per class); auto: multilabel when a manifest's rows carry several labels or none",
+        choices=("auto", "single", "multilabel")))
+    val_data: str | None = field(default=None, metadata=_option(
+        "separate validation images: a folder of class sub-folders or a CSV manifest (then --data is all training)",
+        metavar="SOURCE"))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

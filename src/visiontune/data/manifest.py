@@ -69,6 +69,18 @@ def read_manifest(csv_path: Path, val_split: float | None = None, seed: int = 0)
     )
 
 
+def read_manifest_all(csv_path: Path) -> tuple[list[str], list[Sample]]:
+    """Classes and samples of every row but the val and test ones (``--val-data`` gives validation)."""
+    rows = [row for row in _read_rows(csv_path) if row.split in (None, "train")]
+    if not rows:
+        raise DataError(f"manifest {csv_path} has no training rows; add rows with split 'train' (or drop the split column)")
+    classes = _sorted_labels({row.label for row in rows})
+    if len(classes) < 2:
+        raise DataError(f"manifest {csv_path} has only one label ({shown(classes[0])}); a classifier needs at least two")
+    index = {name: i for i, name in enumerate(classes)}
+    return classes, [Sample(row.path, index[row.label]) for row in rows]
+
+
 def read_manifest_rows(csv_path: Path, classes: list[str]) -> list[Sample]:
     """Samples of a manifest labelled by ``classes``: its val rows if it has a split column, else all rows."""
     rows = [row for row in _read_rows(csv_path) if row.split != "test"]
