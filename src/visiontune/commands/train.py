@@ -69,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.quiet:
         print(final_table(result))
-    print(f"run folder: {result.run_dir}  (best val accuracy {result.best_accuracy:.4f} at epoch {result.best_epoch})")
+    measure = "mAP" if result.metrics.get("task") == "multilabel" else "accuracy"  # what chose the best epoch
+    print(f"run folder: {result.run_dir}  (best val {measure} {result.best_accuracy:.4f} at epoch {result.best_epoch})")
     return 0
 
 
