@@ -393,6 +393,7 @@ TRAIN_VALUE_FLAGS = {
     "--optimizer": ["sgd", "lion"], "--augment": ["trivial", "randaugment", "none"], "--on-bad-image": ["error"],
     "--device": ["cuda", "mps", "cpu:0"], "--precision": ["bf16", "fp16", "fp8"], "--feature-cache": [
         "disk", "memory", "off"], "--model": corpus.MODEL_NAMES, "--nproc": ["1"],
+    "--task": ["multilabel", "single", "auto", "both"], "--val-data": [],
 }
 PATH_FLAGS = ("--data", "--out", "--weights", "--config", "--resume")
 ALL_TRAIN_FLAGS = sorted(TRAIN_VALUE_FLAGS) + list(PATH_FLAGS) + ["--balance", "--no-balance", "--sync-bn",

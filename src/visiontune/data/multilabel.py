@@ -70,8 +70,14 @@ class _Row:
 def looks_multilabel(csv_path: Path) -> bool:
     """Whether ``--task auto`` reads this manifest as multi-label: it has 0/1 class columns, or a
     row whose labels cell holds several names or none."""
-    header, lines = _lines(csv_path)
-    layout = _layout(csv_path, header)
+    try:
+        header, lines = _lines(csv_path)
+        names = [cell.strip().lower() for cell in header]
+        if not any(name in _PATH_COLUMNS for name in names):
+            return False  # no header: the single-label 'path,label' rows
+        layout = _layout(csv_path, header)
+    except DataError:  # empty or unreadable: the single-label reader says what is wrong
+        return False
     if layout[0] == "columns":
         return True
     label_col = layout[2]
