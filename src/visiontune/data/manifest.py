@@ -18,7 +18,7 @@ from visiontune.errors import DataError, shown
 logger = logging.getLogger(__name__)
 
 _PATH_COLUMNS = ("path", "file", "filename", "file_name", "image", "filepath")
-_LABEL_COLUMNS = ("label", "class", "target", "category")
+_LABEL_COLUMNS = ("label", "labels", "class", "target", "category")
 _SPLIT_VALUES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 _SHOW = 5  # offending rows quoted in an error message
 

@@ -25,7 +25,7 @@ from visiontune.safe_yaml import load_yaml_text
 from visiontune.data import load_image
 from visiontune.errors import ConfigError, VisiontuneError
 from visiontune.run.files import run_file
-from visiontune.run.folder import REPORT_HTML, RUN_FILES, check_run_folder
+from visiontune.run.folder import AP_FILE, PR_CURVES_FILE, REPORT_HTML, RUN_FILES, check_run_folder
 from visiontune.run.plots import plot_confusion, plot_curves
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,9 @@ def build_report(run_dir: str | Path, max_wrong: int = MAX_WRONG) -> str:
         ("per-class", "Per-class precision and recall", _per_class_section(report)),
         ("most-wrong", "Validation images it got most wrong", _most_wrong_section(run_dir, config_text, max_wrong)),
     ]
+    if report.get("task") == "multilabel":
+        sections = [_multilabel_section(run_dir) if key == "confusion" else (key, heading, content)
+                    for key, heading, content in sections]
     title = f"visiontune run {run_dir.resolve().name}"
     body = "\n".join(f'<section id="{key}">\n<h2>{_e(heading)}</h2>\n{content}\n</section>'
                      for key, heading, content in sections)
@@ -149,6 +152,15 @@ def _confusion_section(run_dir: Path, report: dict, classes: list) -> str:
 
     image = _png_file_or_plot(run_file(run_dir, "confusion.png"), plot)
     return _img(image, "confusion matrix", plot=True) if image else _missing("confusion.png")
+
+
+def _multilabel_section(run_dir: Path) -> tuple[str, str, str]:
+    """Multi-label runs have no confusion matrix: per-class AP bars and precision-recall curves."""
+    parts = []
+    for name, alt in ((AP_FILE, "average precision per class"), (PR_CURVES_FILE, "precision-recall curves")):
+        image = _png_file_or_plot(run_file(run_dir, name), lambda path: False)
+        parts.append(_img(image, alt, plot=True) if image else _missing(name))
+    return "average-precision", "Average precision and precision-recall per class", "\n".join(parts)
 
 
 def _per_class_section(report: dict) -> str:

@@ -110,11 +110,11 @@ def _write_multilabel_files(setup: TrainingSetup, evaluation, run_dir: Path) -> 
         return "|".join(name for name, value, limit in zip(classes, values, cut) if value >= limit)
 
     write_val_predictions(run_dir, [
-        {"path": str(sample.path), "labels": names(targets, [0.5] * len(classes)),
+        {"path": str(sample.path), "label": names(targets, [0.5] * len(classes)),
          "predicted": names(scores, metrics["thresholds"]),
          "scores": " ".join(f"{score:.6f}" for score in scores), "loss": f"{loss:.6f}"}
         for sample, (targets, scores, loss) in zip(setup.val_samples, evaluation.predictions)
-    ], columns=("path", "labels", "predicted", "scores", "loss"))
+    ], columns=("path", "label", "predicted", "scores", "loss"))
     plot_average_precision({name: row["ap"] for name, row in metrics["per_class"].items()}, run_dir / AP_FILE)
     if evaluation.predictions:
         targets = torch.tensor([row[0] for row in evaluation.predictions])
