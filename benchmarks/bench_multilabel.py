@@ -49,7 +49,7 @@ class Sizes:
     lr: float  # backbone learning rate (visiontune's head gets its default 10x; the plain loop one rate)
 
 
-DEFAULT = Sizes(mosaics=800, image_size=64, epochs=6, batch_size=32, lr=1e-3)
+DEFAULT = Sizes(mosaics=500, image_size=64, epochs=5, batch_size=32, lr=1e-3)
 QUICK = Sizes(mosaics=300, image_size=64, epochs=3, batch_size=32, lr=1e-3)
 
 
