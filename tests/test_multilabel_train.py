@@ -6,11 +6,13 @@ from __future__ import annotations
 import csv
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from visiontune.cli import main
 from visiontune.commands.train import ConsoleReporter
+from visiontune.data import build_eval_transform, load_image
 from visiontune.demo import write_digit_mosaics
 from visiontune.run.loaded import load_run
 
@@ -75,16 +77,12 @@ def test_predict_evaluate_and_export_agree_with_validation(trained, mosaics, tmp
         expected = [name for name, cut in zip(run.classes, run.thresholds) if scores[name] >= cut]
         assert sorted(prediction["labels"]) == sorted(expected)
 
-    pytest.importorskip("onnxruntime")
+    onnxruntime = pytest.importorskip("onnxruntime")  # the [export] extra
     exported = tmp_path / "model.onnx"
     assert main(["export", "--run", str(trained), "--out", str(exported)]) == 0
     capsys.readouterr()
     metadata = json.loads(exported.with_name("model.onnx.json").read_text())
     assert metadata["task"] == "multilabel" and list(metadata["thresholds"]) == run.classes
-    import numpy as np
-    import onnxruntime
-    from visiontune.data import build_eval_transform, load_image
-
     images = torch.stack([build_eval_transform(run.preprocessing)(load_image(path)) for path in paths])
     session = onnxruntime.InferenceSession(str(exported), providers=["CPUExecutionProvider"])
     probabilities = session.run(None, {session.get_inputs()[0].name: images.numpy()})[0]
