@@ -84,6 +84,7 @@ def build_training(config: TrainConfig) -> TrainingSetup:
     check_training_memory(config, resolve_run_preprocessing(config), device, precision)
     memory_budget = MemoryBudget.from_available()  # measured once, before anything of the run is in memory
     # The config is the run's resolved copy: config.yaml then records the task that trained.
+    task_requested = config.task
     config.task = resolve_task(config.data, config.task)
     split, train_set, val_set, val_samples, bad, preprocessing = _build_datasets(config, memory_budget)
     task = task_for(config.task, len(split.classes))
@@ -121,7 +122,7 @@ def build_training(config: TrainConfig) -> TrainingSetup:
         val_samples=val_samples,
         bad_files=bad,
         split_info={"source": split.source, "train_images": len(train_set), "val_images": len(val_set),
-                    **split.split_info},
+                    **split.split_info, "task": config.task, "task_requested": task_requested},
         load_report=load_report,
         num_train_images=len(train_set),
         memory_budget=memory_budget,
