@@ -395,6 +395,7 @@ TRAIN_VALUE_FLAGS = {
         "disk", "memory", "off"], "--model": corpus.MODEL_NAMES, "--nproc": ["1"],
     "--source-model": ["timm:test_resnet", "resnet18", "no_such_net"],
     "--epoch-samples": ["1", "0"], "--track": ["none", "neptune"], "--image-column": ["image"], "--val-data": ["hf:missing", "x-{000000..000001}.tar", "pipe:false"],
+    "--task": ["multilabel", "single", "auto", "both"],
 }
 PATH_FLAGS = ("--data", "--out", "--weights", "--config", "--resume")
 ALL_TRAIN_FLAGS = sorted(TRAIN_VALUE_FLAGS) + list(PATH_FLAGS) + ["--balance", "--no-balance", "--sync-bn",

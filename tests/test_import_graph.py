@@ -19,7 +19,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "visiontune"
 # Bottom to top. A module's layer is its first folder under visiontune/ (or its own name at the top).
 LAYERS = [
     {"errors"},
-    {"atomic_io", "config", "device", "memory", "metrics", "safe_yaml"},
+    {"atomic_io", "config", "device", "memory", "metrics", "metrics_multilabel", "safe_yaml"},
     {"distributed"},
     {"checkpoint"},
     {"model"},

@@ -117,6 +117,10 @@ class TrainConfig:
     source_model: str | None = field(default=None, metadata=_option(
         "with --weights FILE: the architecture the file was saved from (e.g. regnet_y_400mf, timm:regnety_004); "
         "both models are traced and their tensors paired by data flow", metavar="NAME"))
+    task: str = field(default="auto", metadata=_option(
+        "single: one class per image; multilabel: any number per image (CSV path,labels with cat|dog, or one 0/1 "
+        "column per class); auto: multilabel when a manifest's rows carry several labels or none",
+        choices=("auto", "single", "multilabel")))
     val_data: str | None = field(default=None, metadata=_option(
         "a separate validation source (a folder, a CSV manifest, WebDataset shards or hf:PATH); the whole of --data "
         "then trains", metavar="SOURCE"))

@@ -118,6 +118,38 @@ def write_digits_folder(
     return DigitsFolder(root, counts["train"], counts["val"], example or path)
 
 
+def write_digit_mosaics(root: str | Path, count: int = 300, image_size: int = 32, digits: int = 10,
+                        seed: int = 0) -> Path:
+    """A multi-label set from real images: ``count`` mosaics, each a 2x2 grid holding two or three
+    of scikit-learn's digit scans (distinct digits among the first ``digits``, in random cells; the
+    other cells blank paper), labelled with the digits present. Writes ``root/images/*.png`` and
+    ``root/labels.csv`` (``path,labels`` with labels like ``3|7``) and returns the CSV's path."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    scans = load_digits()
+    by_digit = {digit: np.flatnonzero(scans.target == digit) for digit in range(digits)}
+    root = Path(root)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    cell = 8 + 2 * _PAD
+    lines = ["path,labels"]
+    for number in range(count):
+        chosen = sorted(rng.choice(digits, size=int(rng.integers(2, 4)), replace=False).tolist())
+        paper = np.full((2 * cell, 2 * cell), 255, dtype=np.uint8)
+        for digit, place in zip(chosen, rng.permutation(4)):
+            ink = scans.images[rng.choice(by_digit[digit])] / 16.0  # scikit-learn's scans count ink from 0 to 16
+            top, left = (place // 2) * cell + _PAD, (place % 2) * cell + _PAD
+            paper[top:top + 8, left:left + 8] = (255 - ink * 255).astype(np.uint8)
+        name = f"images/mosaic_{number:04d}.png"
+        Image.fromarray(paper, "L").resize((image_size, image_size), Image.BICUBIC).save(root / name)
+        lines.append(f"{name},{'|'.join(str(digit) for digit in chosen)}")
+    manifest = root / "labels.csv"
+    manifest.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    log.info("wrote %d digit mosaics and %s", count, manifest)
+    return manifest
+
+
 def demo_train_config(options: DemoOptions, data: Path, weights: Path, run_dir: Path):
     """The TrainConfig the demo trains with."""
     return TrainConfig(

@@ -66,6 +66,8 @@ def format_evaluation(evaluation, run_dir, checkpoint: str, tta: bool = False) -
     """The summary lines and the per-class table, for people."""
     metrics = evaluation.metrics
     how = ("ONNX Runtime" if checkpoint == "onnx" else f"{checkpoint} checkpoint") + (", flip TTA" if tta else "")
+    if metrics.get("task") == "multilabel":
+        return _format_multilabel(evaluation, f"run {run_dir} ({how}) on {evaluation.data}")
     lines = [
         f"{'model' if checkpoint == 'onnx' else 'run'} {run_dir} ({how}) on {evaluation.data}: {metrics['num_images']} images",
         f"  accuracy  {metrics['accuracy']:.2%}",
@@ -79,6 +81,25 @@ def format_evaluation(evaluation, run_dir, checkpoint: str, tta: bool = False) -
         lines.append(
             f"  {name:<{width}}  {row['precision']:>9.3f}  {row['recall']:>6.3f}  {row['f1']:>5.3f}  {row['support']:>7d}"
         )
+    if evaluation.skipped:
+        lines.append(f"\n{len(evaluation.skipped)} unreadable image(s) skipped (listed on stderr)")
+    return "\n".join(lines)
+
+
+def _format_multilabel(evaluation, title: str) -> str:
+    metrics = evaluation.metrics
+    lines = [f"{title}: {metrics['num_images']} images",
+             f"  mAP          {metrics['mAP']:.4f}",
+             f"  micro-F1     {metrics['micro_f1']:.4f}",
+             f"  macro-F1     {metrics['macro_f1']:.4f}",
+             f"  exact match  {metrics['accuracy']:.2%}",
+             f"  loss         {metrics['loss']:.4f}", ""]
+    width = max(5, *(len(name) for name in metrics["per_class"]))
+    lines.append(f"  {'class':<{width}}     AP  threshold  precision  recall     f1  support")
+    for name, row in metrics["per_class"].items():
+        ap = "   n/a" if row["ap"] is None else f"{row['ap']:>6.3f}"
+        lines.append(f"  {name:<{width}}  {ap}  {row['threshold']:>9.3f}  {row['precision']:>9.3f}  "
+                     f"{row['recall']:>6.3f}  {row['f1']:>5.3f}  {row['support']:>7d}")
     if evaluation.skipped:
         lines.append(f"\n{len(evaluation.skipped)} unreadable image(s) skipped (listed on stderr)")
     return "\n".join(lines)

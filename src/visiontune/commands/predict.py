@@ -26,7 +26,8 @@ def register(subparsers) -> None:
                         help="test-time augmentation: average each image's probabilities with its horizontal "
                         "flip's (two forward passes)")
     parser.add_argument("--json", action="store_true",
-                        help='print a JSON list of {"path", "label", "score", "top_k": [{"label", "score"}]}')
+                        help='print a JSON list of {"path", "label", "score", "top_k": [{"label", "score"}]}; '
+                        'multi-label runs add "labels": every label at or above its tuned threshold')
     parser.set_defaults(func=run)
 
 
@@ -60,6 +61,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     width = max(len(p.path) for p in predictions)
     for prediction in predictions:
+        if prediction.labels is not None:  # multi-label: the labels above threshold, then the top-k scores
+            scores = ", ".join(f"{label} {score:.1%}" for label, score in prediction.top_k)
+            print(f"{prediction.path:<{width}}  {'|'.join(prediction.labels) or '(none)'}   ({scores})")
+            continue
         others = ", ".join(f"{label} {score:.1%}" for label, score in prediction.top_k[1:])
         print(f"{prediction.path:<{width}}  {prediction.label}  {prediction.score:.1%}" + (f"   ({others})" if others else ""))
     return 0

@@ -69,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.quiet:
         print(final_table(result))
-    print(f"run folder: {result.run_dir}  (best val accuracy {result.best_accuracy:.4f} at epoch {result.best_epoch})")
+    measure = "mAP" if result.metrics.get("task") == "multilabel" else "accuracy"  # what chose the best epoch
+    print(f"run folder: {result.run_dir}  (best val {measure} {result.best_accuracy:.4f} at epoch {result.best_epoch})")
     return 0
 
 
@@ -176,7 +177,10 @@ class ConsoleReporter:
     def end_epoch(self, row: dict) -> None:
         self.close()
         if not self.quiet:
-            print(EPOCH_LINE.format(epochs=self.epochs, **row), file=sys.stdout, flush=True)
+            line = EPOCH_LINE.format(epochs=self.epochs, **row)
+            if "val_map" in row:  # multi-label: the mAP that chooses the best epoch
+                line += f" | val mAP {row['val_map']:.3f}"
+            print(line, file=sys.stdout, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -191,7 +195,11 @@ def final_table(result) -> str:
     for row in result.history:
         mark = "*" if row["epoch"] == result.best_epoch else " "
         lines.append(f"{row['epoch']:>4}{mark} {row['phase']:<7} {row['train_loss']:>10.4f} {row['train_acc']:>9.3f} "
-                     f"{row['val_loss']:>9.4f} {row['val_acc']:>8.3f} {row['val_macro_f1']:>8.3f}")
+                     f"{row['val_loss']:>9.4f} {row['val_acc']:>8.3f} {row['val_macro_f1']:>8.3f}"
+                     + (f" {row['val_map']:>8.3f}" if "val_map" in row else ""))
+    if any("val_map" in row for row in result.history):  # multi-label: acc is exact match, mAP picks the best
+        lines[0] += f" {'val mAP':>8}"
+        lines[1] = "-" * len(lines[0])
     if result.stopped_early:
         lines.append(f"stopped early after epoch {result.epochs_completed} (no better val accuracy)")
     return "\n".join(lines)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch.utils.data
 
 from visiontune.data.images import IMAGE_EXTENSIONS, RGB, is_image_file, load_image
-from visiontune.data.manifest import read_manifest, read_manifest_rows
+from visiontune.data.manifest import read_manifest, read_manifest_all, read_manifest_rows
 from visiontune.data.samples import DatasetSplit, Sample, relative_posix, resolve_val_split, stratified_split
 from visiontune.errors import DataError, shown
 
@@ -52,6 +52,23 @@ def discover(data: str | Path, val_split: float | None = None, seed: int = 0) ->
         raise DataError(f"{root} has a {val_dir.name}/ folder but no {TRAIN_DIR}/ folder; put the training images in {root / TRAIN_DIR}/<class>/")
     tree = train_dir if train_dir.is_dir() else root
     return _from_single_tree(root, tree, val_split, seed)
+
+
+def discover_all(data: str | Path) -> DatasetSplit:
+    """Every labelled image of ``data`` as training samples (``val`` empty), for ``--val-data``: a
+    manifest's train rows, ``data/train/<class>/*`` when that folder exists, else ``data/<class>/*``."""
+    root = _existing_path(data)
+    if root.is_file():
+        if root.suffix.lower() != ".csv":
+            raise DataError(f"--data {root} is a file but not a .csv manifest; give a folder of class sub-folders or a CSV 'path,label'")
+        classes, samples = read_manifest_all(root)
+        return DatasetSplit(classes, samples, [], source="csv", split_info={"manifest": str(root)})
+    tree = root / TRAIN_DIR if (root / TRAIN_DIR).is_dir() else root
+    images = _scan_tree(tree)
+    classes = sorted(images)
+    _require_two_classes(classes, tree)
+    return DatasetSplit(classes, [Sample(p, classes.index(name)) for name, paths in sorted(images.items()) for p in paths],
+                        [], source="folders", split_info={"train_dir": str(tree)})
 
 
 def scan_labelled(data: str | Path, classes: list[str]) -> list[Sample]:

@@ -18,7 +18,7 @@ from visiontune.errors import DataError, shown
 logger = logging.getLogger(__name__)
 
 _PATH_COLUMNS = ("path", "file", "filename", "file_name", "image", "filepath")
-_LABEL_COLUMNS = ("label", "class", "target", "category")
+_LABEL_COLUMNS = ("label", "labels", "class", "target", "category")
 _SPLIT_VALUES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 _SHOW = 5  # offending rows quoted in an error message
 
@@ -67,6 +67,18 @@ def read_manifest(csv_path: Path, val_split: float | None = None, seed: int = 0)
             "val_files": [relative_posix(sample.path, csv_path.parent) for sample in val],
         },
     )
+
+
+def read_manifest_all(csv_path: Path) -> tuple[list[str], list[Sample]]:
+    """Classes and samples of every row but the val and test ones (``--val-data`` gives validation)."""
+    rows = [row for row in _read_rows(csv_path) if row.split in (None, "train")]
+    if not rows:
+        raise DataError(f"manifest {csv_path} has no training rows; add rows with split 'train' (or drop the split column)")
+    classes = _sorted_labels({row.label for row in rows})
+    if len(classes) < 2:
+        raise DataError(f"manifest {csv_path} has only one label ({shown(classes[0])}); a classifier needs at least two")
+    index = {name: i for i, name in enumerate(classes)}
+    return classes, [Sample(row.path, index[row.label]) for row in rows]
 
 
 def read_manifest_rows(csv_path: Path, classes: list[str]) -> list[Sample]:

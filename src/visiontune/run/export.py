@@ -30,7 +30,8 @@ import torch
 from torch import nn
 
 from visiontune.atomic_io import atomic_files, same_file, write_text_atomically
-from visiontune.data import discover, load_image
+from visiontune.data import load_image
+from visiontune.data.multilabel_sources import discover_for_task
 from visiontune.data.images import DEFAULT_BACKGROUND
 from visiontune.data.transforms import build_eval_transform
 from visiontune.errors import VisiontuneError
@@ -118,6 +119,17 @@ class LogitsOnly(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return main_logits(self.model(images))
+
+
+class SigmoidScores(nn.Module):
+    """Multi-label runs: the exported graph outputs each label's probability (sigmoid of the logits)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(main_logits(self.model(images)))
 
 
 def prepare_for_export(model: nn.Module, example: torch.Tensor) -> nn.Module:
@@ -316,8 +328,9 @@ def export_run(run_dir: str | Path, format: str = "onnx", out: str | Path | None
             raise VisiontuneError(f"--out {path} would overwrite the run's own {clash}; choose another file "
                                   f"(default: {Path(run_dir) / ('model' + SUFFIXES[format])})")
     inputs, source = validation_inputs(run, num_images)
-    export_model(run.model, path, format, inputs[:2])
-    verification = verify_export(run.model, path, format, inputs, source, tolerance)
+    model = SigmoidScores(run.model) if run.task == "multilabel" else run.model
+    export_model(model, path, format, inputs[:2])
+    verification = verify_export(model, path, format, inputs, source, tolerance)
     if not verification.passed:
         path.unlink(missing_ok=True)
         scale = verification.logit_scale
@@ -329,6 +342,11 @@ def export_run(run_dir: str | Path, format: str = "onnx", out: str | Path | None
     metadata = describe_export(format, path, tuple(inputs.shape[1:]), run.classes, run.preprocessing.to_dict(),
                                run.config.model)
     metadata["checkpoint"] = checkpoint
+    if run.task == "multilabel":  # probabilities out; a label is present when at or above its threshold
+        metadata["task"] = "multilabel"
+        metadata["thresholds"] = dict(zip(run.classes, run.thresholds))
+        metadata["output"]["meaning"] = ("probability of each label (sigmoid), in the order of 'classes'; "
+                                         "a label is present when its probability >= its threshold")
     metadata["verification"] = verification.to_dict()
     return ExportResult(path, write_metadata(path, metadata), format, verification, metadata)
 
@@ -350,7 +368,8 @@ def validation_inputs(run, count: int) -> tuple[torch.Tensor, str]:
 def _validation_images(run, count: int) -> torch.Tensor | None:
     if not run.config.data or not Path(run.config.data).exists():
         return None
-    split = discover(run.config.data, val_split=run.config.val_split, seed=run.config.seed)
+    split = discover_for_task(run.config.data, run.task, val_data=run.config.val_data, val_split=run.config.val_split,
+                              seed=run.config.seed)
     samples = split.val or split.train
     if not samples:
         return None

@@ -58,17 +58,23 @@ REPORT_FILE = "report.json"
 VAL_PREDICTIONS_FILE = "val_predictions.csv"
 CURVES_FILE = "curves.png"
 CONFUSION_FILE = "confusion.png"
+# Multi-label runs: per-class thresholds tuned on validation, per-class AP bars, precision-recall curves.
+THRESHOLDS_FILE = "thresholds.json"
+AP_FILE = "average_precision.png"
+PR_CURVES_FILE = "pr_curves.png"
 REPORT_HTML = "report.html"
 TENSORBOARD_DIR = "tensorboard"
 TENSORBOARD_EVENTS = "events.out.tfevents.*"  # the only files visiontune's SummaryWriter writes there
 RUN_FILES = (CONFIG_FILE, CLASSES_FILE, PREPROCESSING_FILE, METRICS_FILE, BEST_WEIGHTS, LAST_CHECKPOINT,
-             REPORT_FILE, VAL_PREDICTIONS_FILE, CURVES_FILE, CONFUSION_FILE, REPORT_HTML)
+             REPORT_FILE, VAL_PREDICTIONS_FILE, CURVES_FILE, CONFUSION_FILE, REPORT_HTML, THRESHOLDS_FILE, AP_FILE,
+             PR_CURVES_FILE)
 # `visiontune export` writes these into the run by default (visiontune.run.export.SUFFIXES); an
 # --overwrite removes them too, so no exported model of the old run survives beside the new one.
 EXPORT_FILES = ("model.onnx", "model.onnx.json", "model.onnx.data", "model.pt", "model.pt.json")
 METRICS_COLUMNS = ("epoch", "phase", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5",
                    "val_macro_f1", "seconds", "images_per_s")
-OPTIONAL_METRICS_COLUMNS = ("val_acc_ema",)  # the EMA weights' validation accuracy, under --ema
+OPTIONAL_METRICS_COLUMNS = ("val_acc_ema",  # the EMA weights' validation accuracy, under --ema
+                            "val_map", "val_micro_f1", "val_map_ema")  # multi-label runs
 
 
 # -- creating the folder -----------------------------------------------------------------------
@@ -214,12 +220,14 @@ def read_metrics_csv(run_dir: str | Path) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
-def write_val_predictions(run_dir: Path, rows: list[dict]) -> None:
-    """``path,label,predicted,confidence,loss`` per validation image (the best model's)."""
+def write_val_predictions(run_dir: Path, rows: list[dict],
+                          columns: tuple[str, ...] = ("path", "label", "predicted", "confidence", "loss")) -> None:
+    """``path,label,predicted,confidence,loss`` per validation image (the best model's); multi-label
+    runs give their own ``columns``."""
     if not is_main_process():
         return
     buffer = StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=["path", "label", "predicted", "confidence", "loss"], lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     _atomic_text(run_dir / VAL_PREDICTIONS_FILE, buffer.getvalue())

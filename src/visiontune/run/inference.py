@@ -25,9 +25,11 @@ import torch.nn.functional as F
 from visiontune import distributed
 from visiontune.data import build_eval_transform, load_image, scan_labelled
 from visiontune.data.datasets import VAL_DIRS, list_images
+from visiontune.data.multilabel import multi_hot, read_multilabel_rows
 from visiontune.data.images import IMAGE_EXTENSIONS, BadImageError, map_in_threads
 from visiontune.errors import DataError
 from visiontune.metrics import ClassificationMetrics
+from visiontune.metrics_multilabel import MultilabelMetrics
 from visiontune.model.outputs import main_logits
 
 log = logging.getLogger(__name__)
@@ -41,12 +43,14 @@ class Prediction:
     label: str
     score: float
     top_k: list[tuple[str, float]]
+    labels: list[str] | None = None  # multi-label runs: every label at or above its threshold, best first
 
     def to_dict(self) -> dict:
         return {
             "path": self.path,
             "label": self.label,
             "score": self.score,
+            **({"labels": self.labels} if self.labels is not None else {}),
             "top_k": [{"label": label, "score": score} for label, score in self.top_k],
         }
 
@@ -93,12 +97,21 @@ def predict_images(
     predictions: list[Prediction] = []
     skipped: list[tuple[str, str]] = []
     paths = list(paths)
+    multilabel = getattr(run, "task", "single") == "multilabel"
     for batch_paths, images in _image_batches(run, _share(paths, batch_size, across_processes), batch_size, skipped):
-        probabilities = class_log_probabilities(run.model, images, tta=tta).exp().float()
+        if multilabel:
+            probabilities = label_probabilities(run.model, images, tta=tta).float()
+        else:
+            probabilities = class_log_probabilities(run.model, images, tta=tta).exp().float()
         scores, indices = probabilities.topk(top_k, dim=1)
-        for path, row_scores, row_indices in zip(batch_paths, scores.tolist(), indices.tolist()):
+        for path, row_scores, row_indices, row in zip(batch_paths, scores.tolist(), indices.tolist(),
+                                                      probabilities.double().tolist()):
             ranked = [(run.classes[i], score) for i, score in zip(row_indices, row_scores)]
-            predictions.append(Prediction(str(path), ranked[0][0], ranked[0][1], ranked))
+            labels = None
+            if multilabel:
+                above = [i for i, (score, cut) in enumerate(zip(row, run.thresholds)) if score >= cut]
+                labels = [run.classes[i] for i in sorted(above, key=lambda i: -row[i])]
+            predictions.append(Prediction(str(path), ranked[0][0], ranked[0][1], ranked, labels))
     if across_processes:
         predictions = _gather_in_order(predictions, paths, lambda prediction: prediction.path)
         skipped = _gather_in_order(skipped, paths, lambda item: item[0])
@@ -112,6 +125,8 @@ def evaluate_run(run, data: str | Path, batch_size: int = 64, across_processes: 
     run's classes; a class the model does not know is a DataError. ``tta``: see
     :func:`class_log_probabilities` (the loss is then that of the averaged probabilities);
     ``across_processes``: see the module docstring."""
+    if getattr(run, "task", "single") == "multilabel":
+        return _evaluate_multilabel(run, data, batch_size, across_processes, tta)
     samples = scan_labelled(data, list(run.classes))
     labels = {str(sample.path): sample.label for sample in samples}
     metrics = ClassificationMetrics(list(run.classes))
@@ -127,6 +142,34 @@ def evaluate_run(run, data: str | Path, batch_size: int = 64, across_processes: 
     if metrics.num_images == 0:
         raise DataError(f"none of the {len(samples)} images in {data} could be read; first: {skipped[0][0]} ({skipped[0][1]})")
     return Evaluation(metrics.compute(), _evaluated_root(data, run.classes), skipped)
+
+
+def _evaluate_multilabel(run, data: str | Path, batch_size: int, across_processes: bool, tta: bool) -> Evaluation:
+    """mAP, micro/macro F1 and per-class AP, precision and recall at the run's thresholds, on a
+    multi-label manifest (its val rows when it has a split column, else all)."""
+    manifest = Path(data).expanduser().absolute()
+    if not (manifest.is_file() and manifest.suffix.lower() == ".csv"):
+        raise DataError(f"{manifest}: a multi-label run is evaluated on a CSV manifest ('path,labels' or 0/1 columns)")
+    samples = read_multilabel_rows(manifest, list(run.classes))
+    masks = {str(sample.path): sample.label for sample in samples}
+    metrics = MultilabelMetrics(list(run.classes), run.thresholds)
+    skipped: list[tuple[str, str]] = []
+    paths = [sample.path for sample in samples]
+    for batch_paths, images in _image_batches(run, _share(paths, batch_size, across_processes), batch_size, skipped):
+        targets = multi_hot(torch.tensor([masks[str(p)] for p in batch_paths]), len(run.classes)).double()
+        scores = label_probabilities(run.model, images, tta=tta).cpu()
+        # Per-image loss: binary cross-entropy of the probabilities, mean over classes (as validation).
+        losses = F.binary_cross_entropy(scores.clamp(1e-12, 1 - 1e-12), targets, reduction="none").mean(dim=1)
+        metrics.update_probabilities(scores, targets, losses)
+    if across_processes:
+        if distributed.is_distributed():
+            # Whole batches per process, gathered back in the order of ``paths``.
+            parts = distributed.all_gather_objects(metrics.rows())
+            metrics.load_rows(torch.cat(parts) if parts else metrics.rows())
+        skipped = _gather_in_order(skipped, paths, lambda item: item[0])
+    if metrics.num_images == 0:
+        raise DataError(f"none of the {len(samples)} images in {data} could be read; first: {skipped[0][0]} ({skipped[0][1]})")
+    return Evaluation(metrics.compute(), str(manifest), skipped)
 
 
 def _share(paths: list, batch_size: int, across_processes: bool) -> list:
@@ -191,6 +234,16 @@ def class_log_probabilities(model: torch.nn.Module, images: torch.Tensor, tta: b
     flipped = F.log_softmax(main_logits(model(images.flip(-1))).double(), dim=1)  # dim -1: width in NCHW
     # log((p + q) / 2) without leaving log space
     return torch.logaddexp(log_probabilities, flipped) - math.log(2.0)
+
+
+@torch.inference_mode()
+def label_probabilities(model: torch.nn.Module, images: torch.Tensor, tta: bool = False) -> torch.Tensor:
+    """Multi-label runs: each label's sigmoid probability (batch, classes) in float64; ``tta``
+    averages them with those of the horizontal flip."""
+    probabilities = torch.sigmoid(main_logits(model(images)).double())
+    if not tta:
+        return probabilities
+    return (probabilities + torch.sigmoid(main_logits(model(images.flip(-1))).double())) / 2
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:

@@ -21,7 +21,7 @@ from visiontune.model.create import create_model
 from visiontune.model.preprocessing import Preprocessing
 from visiontune.run.files import run_file
 from visiontune.run.folder import (BEST_WEIGHTS, CLASSES_FILE, CONFIG_FILE, LAST_CHECKPOINT, PREPROCESSING_FILE,
-                                   check_run_folder, load_training_state)
+                                   THRESHOLDS_FILE, check_run_folder, load_training_state)
 from visiontune.run.inference import predict_images
 
 
@@ -34,6 +34,8 @@ class LoadedRun:
     preprocessing: Preprocessing
     config: TrainConfig
     run_dir: Path
+    task: str = "single"  # or "multilabel": sigmoid scores, every label above its threshold
+    thresholds: list[float] | None = None  # multi-label: per class, from thresholds.json
 
     def predict(self, paths, top_k: int = 5, tta: bool = False):
         """Classify image files: ``(predictions, skipped)`` as :func:`visiontune.run.inference.predict_images`
@@ -69,7 +71,18 @@ def load_run(run_dir: str | Path, checkpoint: str = "best", device: str | torch.
     model = build_run_model(config, len(classes))
     _load_run_weights(model, run_dir, checkpoint)
     model.to(device).eval()
-    return LoadedRun(model, classes, preprocessing, config, run_dir)
+    thresholds = _read_thresholds(run_dir, classes) if config.task == "multilabel" else None
+    return LoadedRun(model, classes, preprocessing, config, run_dir, config.task if thresholds else "single", thresholds)
+
+
+def _read_thresholds(run_dir: Path, classes: list[str]) -> list[float]:
+    """A multi-label run's per-class thresholds (tuned on validation when training ended)."""
+    path = run_file(run_dir, THRESHOLDS_FILE)
+    values = read_run_json(path, dict).get("thresholds")
+    if not isinstance(values, dict) or set(values) != set(classes) or not all(
+            isinstance(value, (int, float)) and not isinstance(value, bool) for value in values.values()):
+        raise CheckpointError(f"{path} is damaged: it must map each of the run's {len(classes)} classes to a number")
+    return [float(values[name]) for name in classes]
 
 
 def read_run_json(path: Path, kind: type) -> Any:

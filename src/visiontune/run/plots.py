@@ -106,6 +106,49 @@ def plot_confusion(confusion: Sequence[Sequence[int]], classes: Sequence[str], p
     return _save(figure, path)
 
 
+def plot_average_precision(per_class_ap: dict[str, float | None], path: str | Path) -> Path:
+    """Multi-label runs: one bar per class, its average precision on validation (classes without a
+    positive image have none and are marked n/a); the dashed line is their mean, the mAP."""
+    names = list(per_class_ap)
+    values = [per_class_ap[name] for name in names]
+    figure = Figure(figsize=(min(max(5.0, 0.35 * len(names) + 2), 20.0), 4), dpi=_DPI)
+    axes = figure.subplots()
+    axes.bar(range(len(names)), [value or 0.0 for value in values], color="tab:blue")
+    for index, value in enumerate(values):
+        if value is None:
+            axes.text(index, 0.02, "n/a", ha="center", fontsize=7, color="grey")
+    known = [value for value in values if value is not None]
+    if known:
+        axes.axhline(sum(known) / len(known), color="tab:red", linestyle="--", linewidth=1,
+                     label=f"mAP {sum(known) / len(known):.3f}")
+        axes.legend(loc="lower right")
+    axes.set_xticks(range(len(names)), [_shorten(name) for name in names], rotation=90 if len(names) > 8 else 0,
+                    fontsize=8)
+    axes.set_ylim(0, 1.02)
+    axes.set_ylabel("average precision")
+    axes.set_title("Average precision per class (validation)")
+    return _save(figure, path)
+
+
+def plot_pr_curves(curves: dict[str, tuple[Sequence[float], Sequence[float]]], path: str | Path) -> Path:
+    """Multi-label runs: each class's precision-recall curve, ``{class: (recall, precision)}``;
+    the legend names at most 12 classes, the curves of more are drawn thin and unnamed."""
+    figure = Figure(figsize=(6, 5), dpi=_DPI)
+    axes = figure.subplots()
+    for index, (name, (recall, precision)) in enumerate(curves.items()):
+        named = index < 12
+        axes.plot(recall, precision, linewidth=1.2 if named else 0.6, label=_shorten(name) if named else None)
+    axes.set_xlim(0, 1.02)
+    axes.set_ylim(0, 1.02)
+    axes.set_xlabel("recall")
+    axes.set_ylabel("precision")
+    axes.set_title("Precision-recall per class (validation)")
+    axes.grid(alpha=0.3)
+    if axes.lines:
+        axes.legend(loc="lower left", fontsize=7)
+    return _save(figure, path)
+
+
 def _phase_changes(rows: Sequence[dict], epochs: list[float | None]) -> list[tuple[float, str]]:
     """(epoch, new phase) wherever the ``phase`` column differs from the row before."""
     changes = []

@@ -27,7 +27,7 @@ from visiontune.atomic_io import same_file, write_text_atomically
 from visiontune.errors import VisiontuneError
 from visiontune.model.anatomy import Anatomy
 from visiontune.run.files import run_file
-from visiontune.run.folder import REPORT_HTML, RUN_FILES, check_run_folder
+from visiontune.run.folder import AP_FILE, PR_CURVES_FILE, REPORT_HTML, RUN_FILES, check_run_folder
 from visiontune.run.loaded import LoadedRun
 from visiontune.run.html_parts import (escape, find_key, format_cell, format_value, img, is_scalar, key_value_table,
                                        missing, pre, read_csv, read_json, read_text, render_value, scrolling,
@@ -115,6 +115,9 @@ def build_report(run_dir: str | Path, max_wrong: int = MAX_WRONG, overlays: bool
         ("configuration", "Configuration (config.yaml)", pre(config_text) if config_text else missing("config.yaml")),
         ("load-report", "Pretrained weights: load report", _load_report_section(report)),
     ]
+    if report.get("task") == "multilabel":  # AP bars and PR curves stand where the confusion matrix would
+        sections = [_multilabel_section(run_dir) if key == "confusion" else (key, heading, content)
+                    for key, heading, content in sections]
     body = "\n".join(_section(key, heading, content) for key, heading, content in sections)
     name = run_dir.resolve().name
     model = report.get("model") if is_scalar(report.get("model")) else None
@@ -243,6 +246,15 @@ def _confusion_section(run_dir: Path, report: dict, classes: list) -> str:
 
     image = _png_file_or_plot(run_file(run_dir, "confusion.png"), plot)
     return img(image, "confusion matrix", "plot") if image else missing("confusion.png")
+
+
+def _multilabel_section(run_dir: Path) -> tuple[str, str, str]:
+    """Multi-label runs have no confusion matrix: per-class AP bars and precision-recall curves."""
+    parts = []
+    for name, alt in ((AP_FILE, "average precision per class"), (PR_CURVES_FILE, "precision-recall curves")):
+        image = _png_file_or_plot(run_file(run_dir, name), lambda path: False)
+        parts.append(img(image, alt, "plot") if image else missing(name))
+    return "average-precision", "Average precision and precision-recall per class", "\n".join(parts)
 
 
 def _per_class_section(report: dict) -> str:

@@ -240,25 +240,28 @@ def fit(setup: TrainingSetup, state: TrainingState, run_dir: Path, reporter: Rep
                 inputs.train_loader, setup.optimizer, setup.loss_fn, setup.device,
                 schedule=schedule, first_step=state.step - state.phase_start_step,
                 precision=setup.precision, scaler=scaler, batch_mixer=setup.batch_mixer,
-                grad_clip=config.grad_clip, on_batch=reporter.advance, ema=ema)
+                grad_clip=config.grad_clip, on_batch=reporter.advance, ema=ema, task=setup.task)
             distributed.sync_buffers_from_main(model)  # BN statistics: every process evaluates rank 0's model
             evaluation = evaluate(inputs.model, inputs.val_loader, setup.device, setup.classes,
-                                  precision=EVAL_PRECISION)
+                                  precision=EVAL_PRECISION, task=setup.task)
             require_finite(evaluation.metrics["loss"], "validation loss")  # before anything is saved
             ema_evaluation = _evaluate_average(ema, setup, inputs)
             state.feature_cache.update(phase_inputs.plans)
             row = _metrics_row(epoch + 1, phase.name, stats, evaluation.metrics, evaluation.seconds)
+            selection = setup.task.selection_metric  # accuracy, or mAP for multi-label
             if ema_evaluation is not None:
                 row["val_acc_ema"] = ema_evaluation.metrics["accuracy"]
+                if selection != "accuracy":
+                    row["val_map_ema"] = ema_evaluation.metrics[selection]
                 row["seconds"] += ema_evaluation.seconds
             state.step += stats.steps
             state.epoch = epoch + 1
             state.train_seconds += row["seconds"]
             state.history.append(row)
             # The better of the model and its average this epoch (the model on a tie: it needs no --ema to reproduce).
-            candidate, accuracy, kept = model, evaluation.metrics["accuracy"], "model"
-            if ema_evaluation is not None and ema_evaluation.metrics["accuracy"] > accuracy:
-                candidate, accuracy, kept = ema.model, ema_evaluation.metrics["accuracy"], "ema"
+            candidate, accuracy, kept = model, evaluation.metrics[selection], "model"
+            if ema_evaluation is not None and ema_evaluation.metrics[selection] > accuracy:
+                candidate, accuracy, kept = ema.model, ema_evaluation.metrics[selection], "ema"
             if accuracy > state.best_accuracy:
                 state.best_accuracy, state.best_epoch, state.best_weights = accuracy, epoch + 1, kept
                 state.epochs_without_improvement = 0
@@ -326,12 +329,17 @@ def _evaluate_average(ema: WeightAverage | None, setup: TrainingSetup, inputs) -
         return None
     distributed.sync_buffers_from_main(ema.model)  # averaged BN statistics: rank 0's, as for the model
     evaluation = evaluate(ema.view_of(inputs.model, setup.anatomy), inputs.val_loader, setup.device,
-                          setup.classes, precision=EVAL_PRECISION)
+                          setup.classes, precision=EVAL_PRECISION, task=setup.task)
     require_finite(evaluation.metrics["loss"], "validation loss of the EMA weights")
     return evaluation
 
 
 def _metrics_row(epoch: int, phase: str, stats: EpochStats, val: dict, val_seconds: float) -> dict:
+    if val.get("task") == "multilabel":  # accuracy: exact match; mAP chooses the best epoch
+        return {"epoch": epoch, "phase": phase, "lr": stats.last_lr, "train_loss": stats.loss,
+                "train_acc": stats.accuracy, "val_loss": val["loss"], "val_acc": val["accuracy"],
+                "val_map": val["mAP"], "val_micro_f1": val["micro_f1"], "val_macro_f1": val["macro_f1"],
+                "seconds": stats.seconds + val_seconds, "images_per_s": stats.images_per_second}
     return {"epoch": epoch, "phase": phase, "lr": stats.last_lr, "train_loss": stats.loss,
             "train_acc": stats.accuracy, "val_loss": val["loss"], "val_acc": val["accuracy"],
             "val_top5": val["top5"], "val_macro_f1": val["macro_f1"], "seconds": stats.seconds + val_seconds,

@@ -13,12 +13,14 @@ from visiontune.checkpoint import load_weights
 from visiontune.device import EVAL_PRECISION
 from visiontune.distributed import is_main_process
 from visiontune.errors import CheckpointError
+from visiontune.metrics_multilabel import precision_recall_curves
 from visiontune.training.loops import evaluate
-from visiontune.run.plots import plot_confusion, plot_curves
+from visiontune.run.plots import plot_average_precision, plot_confusion, plot_curves, plot_pr_curves
 from visiontune.run.loaded import LoadedRun
 from visiontune.run.report_html import write_report
-from visiontune.run.folder import (BEST_WEIGHTS, CONFUSION_FILE, CURVES_FILE, REPORT_FILE, TENSORBOARD_DIR,
-                                   write_json, write_metrics_csv, write_val_predictions)
+from visiontune.run.folder import (AP_FILE, BEST_WEIGHTS, CONFUSION_FILE, CURVES_FILE, PR_CURVES_FILE, REPORT_FILE,
+                                   TENSORBOARD_DIR, THRESHOLDS_FILE, write_json, write_metrics_csv,
+                                   write_val_predictions)
 from visiontune.run.files import run_file, run_subfolder
 from visiontune.training.strategies import describe_groups
 from visiontune.training.setup import TrainingSetup
@@ -74,8 +76,15 @@ def write_final_artifacts(setup: TrainingSetup, state: TrainingState, run_dir: P
     load_best_weights(setup, run_dir)
     # In EVAL_PRECISION (float32): this report describes the model evaluate, predict and an export run.
     evaluation = evaluate(setup.model, setup.val_loader, setup.device, setup.classes,
-                          precision=EVAL_PRECISION, keep_predictions=True)
+                          precision=EVAL_PRECISION, keep_predictions=True, task=setup.task)
     if not is_main_process():
+        return evaluation.metrics
+    if setup.task.name == "multilabel":
+        _write_multilabel_files(setup, evaluation, run_dir)
+        write_metrics_csv(run_dir, state.history)
+        write_json(run_dir / REPORT_FILE, _report(setup, state, evaluation.metrics, evaluation.seconds))
+        plot_curves(state.history, run_dir / CURVES_FILE)
+        write_report(run_dir)
         return evaluation.metrics
     classes = setup.classes
     write_val_predictions(run_dir, [
@@ -94,9 +103,35 @@ def write_final_artifacts(setup: TrainingSetup, state: TrainingState, run_dir: P
     return evaluation.metrics
 
 
+def _write_multilabel_files(setup: TrainingSetup, evaluation, run_dir: Path) -> None:
+    """thresholds.json (tuned on validation: each class's best F1), val_predictions.csv with every
+    label's probability, the per-class AP bars and the precision-recall curves."""
+    classes, metrics = setup.classes, evaluation.metrics
+    write_json(run_dir / THRESHOLDS_FILE, {"task": "multilabel", "classes": classes,
+                                           "thresholds": dict(zip(classes, metrics["thresholds"])),
+                                           "tuned_on": "validation", "rule": "maximum F1 per class"})
+
+    def names(values, cut):
+        return "|".join(name for name, value, limit in zip(classes, values, cut) if value >= limit)
+
+    write_val_predictions(run_dir, [
+        {"path": str(sample.path), "label": names(targets, [0.5] * len(classes)),
+         "predicted": names(scores, metrics["thresholds"]),
+         "scores": " ".join(f"{score:.6f}" for score in scores), "loss": f"{loss:.6f}"}
+        for sample, (targets, scores, loss) in zip(setup.val_samples, evaluation.predictions)
+    ], columns=("path", "label", "predicted", "scores", "loss"))
+    plot_average_precision({name: row["ap"] for name, row in metrics["per_class"].items()}, run_dir / AP_FILE)
+    if evaluation.predictions:
+        targets = torch.tensor([row[0] for row in evaluation.predictions])
+        scores = torch.tensor([row[1] for row in evaluation.predictions], dtype=torch.float64)
+        plot_pr_curves(precision_recall_curves(scores, targets, classes), run_dir / PR_CURVES_FILE)
+
+
 def _report(setup: TrainingSetup, state: TrainingState, metrics: dict, eval_seconds: float) -> dict:
     epochs = state.history
     return {
+        "task": setup.task.name,  # single, or multilabel (chosen by --task, or found in the manifest)
+        "selection_metric": setup.task.selection_metric,  # what chose best.safetensors (best_val_accuracy holds it)
         "model": setup.config.model,
         "weights": setup.config.weights,
         "strategy": setup.config.strategy,

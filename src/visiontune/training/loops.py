@@ -12,17 +12,16 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from visiontune import distributed
 from visiontune.device import Precision, autocast
 from visiontune.errors import VisiontuneError
-from visiontune.metrics import ClassificationMetrics
 from visiontune.model.freeze import set_train_mode  # the BatchNorm rule lives with freezing
 from visiontune.model.outputs import main_logits
 from visiontune.training.ema import WeightAverage
 from visiontune.training.schedule import Schedule, set_learning_rates
+from visiontune.training.task import SINGLE_LABEL, SingleLabel
 
 # torchvision's weights for the auxiliary classifiers' losses (GoogLeNet has two, Inception v3 one).
 AUX_WEIGHT_ONE_HEAD = 0.4
@@ -124,6 +123,7 @@ def train_one_epoch(
     grad_clip: float = 0.0,
     on_batch: Callable[[int], None] | None = None,
     ema: WeightAverage | None = None,
+    task: SingleLabel = SINGLE_LABEL,
 ) -> EpochStats:
     """Train for one pass over ``loader``; ``first_step`` is the step within the schedule's phase.
 
@@ -146,7 +146,7 @@ def train_one_epoch(
             ema.update()
         batch = labels.shape[0]
         loss_sum += loss.double() * batch
-        correct += (main_logits(outputs).detach().argmax(dim=1) == labels).sum()
+        correct += task.count_correct(main_logits(outputs).detach(), labels)
         images_seen += batch
         steps += 1
         if steps % FINITE_CHECK_EVERY == 0:
@@ -167,7 +167,8 @@ def train_one_epoch(
 @dataclass
 class Evaluation:
     metrics: dict  # ClassificationMetrics.compute(): loss, accuracy, top5, macro_f1, per_class, confusion
-    predictions: list[tuple[int, int, float, float]]  # (label, predicted, confidence, loss) per image, loader order
+    # per image, loader order: (label, predicted, confidence, loss); multi-label: (targets, probabilities, loss)
+    predictions: list[tuple]
     seconds: float
 
 
@@ -180,11 +181,13 @@ def evaluate(
     *,
     precision: Precision = Precision(None),
     keep_predictions: bool = False,
+    task: SingleLabel = SINGLE_LABEL,
 ) -> Evaluation:
-    """Plain (unweighted, unsmoothed) cross-entropy and classification metrics over ``loader``."""
+    """Plain (unweighted, unsmoothed) loss and metrics over ``loader``: cross-entropy and
+    ClassificationMetrics, or for a multi-label ``task`` binary cross-entropy and MultilabelMetrics."""
     model.eval()
     started = time.perf_counter()
-    metrics = ClassificationMetrics(classes)
+    metrics = task.new_metrics(classes)
     predictions = []
     for images, labels in loader:
         images = images.to(device, non_blocking=True)
@@ -192,17 +195,14 @@ def evaluate(
         with autocast(device, precision):
             logits = main_logits(model(images))
         logits = logits.float()
-        losses = F.cross_entropy(logits, labels, reduction="none")
-        metrics.update(logits, labels, loss_sum=losses.sum())
+        losses = task.update_metrics(metrics, logits, labels)
         if keep_predictions:
-            confidence, predicted = logits.softmax(dim=1).max(dim=1)
-            predictions += list(zip(labels.tolist(), predicted.tolist(), confidence.tolist(), losses.tolist()))
+            predictions.append(task.prediction_rows(logits, labels, losses).cpu())
+    predictions = torch.cat(predictions) if predictions else torch.zeros(0, 4, dtype=torch.float64)
     if distributed.world_size() > 1 and isinstance(getattr(loader, "sampler", None), distributed.ShardedSampler):
         # Each process saw its shard of the validation set: sum the metrics, gather the predictions.
-        distributed.all_reduce_metrics(metrics)
+        task.reduce_metrics(metrics, loader)
         if keep_predictions:
-            gathered = distributed.all_gather_shards(torch.tensor(predictions, dtype=torch.float64).reshape(-1, 4),
-                                                     len(loader.dataset))
-            predictions = [(int(label), int(predicted), confidence, loss)
-                           for label, predicted, confidence, loss in gathered.tolist()]
-    return Evaluation(metrics.compute(), predictions, time.perf_counter() - started)
+            predictions = distributed.all_gather_shards(predictions, len(loader.dataset))
+    return Evaluation(metrics.compute(), task.as_predictions(predictions) if keep_predictions else [],
+                      time.perf_counter() - started)

@@ -28,6 +28,8 @@ from visiontune.config import TrainConfig
 from visiontune.data.datasets import require_trainable
 from visiontune.data.samples import DatasetSplit
 from visiontune.data.sources import VAL_PATHS, hf_datasets, source_kind, streamed_datasets, validation_dataset
+from visiontune.data.multilabel import require_trainable_multilabel
+from visiontune.data.multilabel_sources import discover_for_task, resolve_task
 from visiontune.features.store import cache_root
 from visiontune.device import (Precision, configure_threads, default_workers, prefers_channels_last, resolve_device,
                                resolve_precision)
@@ -39,6 +41,7 @@ from visiontune.model.preprocessing import Preprocessing
 from visiontune.training.memory_estimate import check_training_memory
 from visiontune.training.samplers import EpochSampler, SeededSamples
 from visiontune.training.strategies import Phase, apply_phase, build_optimizer, plan_phases
+from visiontune.training.task import SINGLE_LABEL, SingleLabel, task_for
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +70,7 @@ class TrainingSetup:
     num_train_images: int = 0
     # RAM the run's caches share: the decoded images claim theirs here, the feature cache what is left
     memory_budget: MemoryBudget = field(default_factory=MemoryBudget.from_available)
+    task: SingleLabel = SINGLE_LABEL  # single-label, or multi-label (BCE, mAP, thresholds)
 
 
 # -- building ------------------------------------------------------------------------------------
@@ -82,7 +86,11 @@ def build_training(config: TrainConfig) -> TrainingSetup:
     # Before any image is decoded or weights file read: refuse what cannot fit in memory.
     check_training_memory(config, resolve_run_preprocessing(config), device, precision)
     memory_budget = MemoryBudget.from_available()  # measured once, before anything of the run is in memory
+    # The config is the run's resolved copy: config.yaml then records the task that trained.
+    task_requested = config.task
+    config.task = resolve_task(config.data, config.task)
     split, train_set, val_set, val_samples, bad, preprocessing = _build_datasets(config, memory_budget)
+    task = task_for(config.task, len(split.classes))
     model, load_report = build_model(config, len(split.classes))
     refuse_single_value_batchnorm(model, config, preprocessing.crop_size)
     model.to(device)
@@ -106,21 +114,22 @@ def build_training(config: TrainConfig) -> TrainingSetup:
         train_loader=_train_loader(train_set, config, workers, device),
         val_loader=_eval_loader(val_set, config.batch_size, workers, device),
         optimizer=optimizer,
-        loss_fn=build_loss(config, train_targets, len(split.classes)).to(device),
+        loss_fn=task.build_loss(config, train_targets, len(split.classes)).to(device),
         classes=list(split.classes),
         device=device,
         precision=precision,
         preprocessing=preprocessing,
         phases=phases,
         anatomy=anatomy,
-        batch_mixer=data.build_batch_mixer(len(split.classes), config.mixup, config.cutmix),
+        batch_mixer=task.batch_mixer(len(split.classes), config.mixup, config.cutmix),
         val_samples=val_samples,
         bad_files=bad,
         split_info={"source": split.source, "train_images": len(train_set), "val_images": len(val_set),
-                    **split.split_info},
+                    **split.split_info, "task": config.task, "task_requested": task_requested},
         load_report=load_report,
         num_train_images=len(train_set),
         memory_budget=memory_budget,
+        task=task,
     )
 
 
@@ -181,17 +190,8 @@ def refuse_single_value_batchnorm(model: nn.Module, config: TrainConfig, crop_si
 
 
 def build_loss(config: TrainConfig, train_targets: list[int], num_classes: int) -> nn.Module:
-    """Cross-entropy with label smoothing; ``balance`` weights each class by n / (k * count).
-
-    Why a weighted loss rather than a balanced sampler: every image is still seen once per epoch
-    (no duplicated minority images, no dropped majority ones), the epoch stays a fixed
-    permutation that resumes exactly, and it shards unchanged across processes."""
-    weight = None
-    if config.balance:
-        counts = torch.bincount(torch.tensor(train_targets, dtype=torch.long), minlength=num_classes).clamp(min=1)
-        weight = (len(train_targets) / (num_classes * counts.double())).float()
-        log.info("class weights: %s", [round(w, 3) for w in weight.tolist()])
-    return nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing)
+    """The single-label loss (see :meth:`visiontune.training.task.SingleLabel.build_loss`)."""
+    return SINGLE_LABEL.build_loss(config, train_targets, num_classes)
 
 
 def _build_datasets(config: TrainConfig, memory_budget: MemoryBudget):
@@ -201,8 +201,13 @@ def _build_datasets(config: TrainConfig, memory_budget: MemoryBudget):
         return (*_streamed(config, train_transform, eval_transform), preprocessing)
     if source_kind(config.data) == "hf":
         return (*_from_hf(config, train_transform, eval_transform), preprocessing)
-    split = data.discover(config.data, val_split=config.val_split, seed=config.seed)
-    if config.val_data is not None:  # a separate validation source: all of --data trains
+    # A folder or CSV given by --val-data is decoded once like the training images (and a multi-label
+    # run's must be a CSV: discover_for_task says so); shards and hf: validation are read as they come.
+    streamed_val = config.val_data is not None and config.task != "multilabel" and \
+        source_kind(config.val_data) in ("shards", "hf")
+    split = discover_for_task(config.data, config.task, val_data=None if streamed_val else config.val_data,
+                              val_split=config.val_split, seed=config.seed)
+    if streamed_val:  # all of --data trains
         split = dataclasses.replace(split, train=split.train + split.val, val=[])
     total = len(split.train) + len(split.val)
     nbytes = data.decoded_bytes(total, preprocessing.resize_size)
@@ -237,13 +242,17 @@ def _build_datasets(config: TrainConfig, memory_budget: MemoryBudget):
         val_set = data.ImageDataset(val_samples, eval_transform)
         bad = train_bad + val_bad
     val_path = where
-    if config.val_data is not None:
+    if streamed_val:
         val_set, val_samples, val_bad = validation_dataset(config.val_data, split.classes, eval_transform,
                                                            config.on_bad_image, image_column=config.image_column,
                                                            label_column=config.label_column)
         bad, val_path = bad + val_bad, VAL_PATHS[source_kind(config.val_data)]
         split.split_info.update(val_data=config.val_data, val_kind=source_kind(config.val_data))
-    require_trainable(split, list(train_set.targets), list(val_set.targets), len(bad))  # after dropping unreadable files
+    # after dropping unreadable files
+    if config.task == "multilabel":
+        require_trainable_multilabel(split.classes, list(train_set.targets), list(val_set.targets))
+    else:
+        require_trainable(split, list(train_set.targets), list(val_set.targets), len(bad))
     split.split_info.update(train_path=where, val_path=val_path)  # report.json: where each split's images came from
     return split, train_set, val_set, val_samples, bad, preprocessing
 
