@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
@@ -230,3 +230,29 @@ def map_in_threads(function: Callable[[T], R], items: list[T], workers: int | No
         yield from executor.map(function, items)
     finally:
         executor.shutdown(wait=True, cancel_futures=True)
+
+
+def prepared_batches(prepare: Callable[[Path], R], paths: Sequence, batch_size: int,
+                     skipped: list[tuple[str, str]]) -> Iterator[tuple[list, list[R]]]:
+    """``(paths, prepared images)`` per batch of ``paths``, ``prepare`` (load and transform one file)
+    run on threads. A file it cannot read (:class:`BadImageError`) goes to ``skipped`` as
+    ``(path, reason)`` and out of the batch. Shared by the PyTorch and the torch-free ONNX predict."""
+    def attempt(path) -> R | BadImageError:
+        try:
+            return prepare(path)
+        except BadImageError as error:
+            return error
+
+    for start in range(0, len(paths), batch_size):
+        chunk = list(paths[start:start + batch_size])
+        good, prepared = [], []
+        for path, result in zip(chunk, map_in_threads(attempt, chunk)):
+            if isinstance(result, BadImageError):
+                # info: the caller gets ``skipped`` and the CLI prints each once
+                logger.info("skipping unreadable image %s (%s)", path, result.reason)
+                skipped.append((str(path), result.reason))
+            else:
+                good.append(path)
+                prepared.append(result)
+        if prepared:
+            yield good, prepared

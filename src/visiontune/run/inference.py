@@ -26,7 +26,7 @@ from visiontune import distributed
 from visiontune.data import build_eval_transform, load_image, scan_labelled
 from visiontune.data.datasets import VAL_DIRS, list_images
 from visiontune.data.multilabel import multi_hot, read_multilabel_rows
-from visiontune.data.images import IMAGE_EXTENSIONS, BadImageError, map_in_threads
+from visiontune.data.images import IMAGE_EXTENSIONS, prepared_batches
 from visiontune.errors import DataError
 from visiontune.metrics import ClassificationMetrics
 from visiontune.metrics_multilabel import MultilabelMetrics
@@ -198,25 +198,9 @@ def _image_batches(
     eval_transform = build_eval_transform(run.preprocessing)  # the run's validation's own transform
     device = _model_device(run.model)
 
-    def prepare(path) -> torch.Tensor | str:
-        try:
-            return eval_transform(load_image(path))
-        except BadImageError as error:
-            return error.reason
-
-    for start in range(0, len(paths), batch_size):
-        chunk = paths[start : start + batch_size]
-        good_paths, tensors = [], []
-        for path, result in zip(chunk, map_in_threads(prepare, chunk)):
-            if isinstance(result, str):
-                # info: the caller gets ``skipped`` and the CLI prints each once
-                log.info("skipping unreadable image %s (%s)", path, result)
-                skipped.append((str(path), result))
-            else:
-                good_paths.append(path)
-                tensors.append(result)
-        if tensors:
-            yield good_paths, torch.stack(tensors).to(device)
+    for good_paths, tensors in prepared_batches(lambda path: eval_transform(load_image(path)), paths, batch_size,
+                                                skipped):
+        yield good_paths, torch.stack(tensors).to(device)
 
 
 @torch.inference_mode()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import sys
 from collections.abc import Iterator, Sequence
@@ -26,10 +25,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from visiontune.data.images import DEFAULT_BACKGROUND, BadImageError, is_image_file, load_image, map_in_threads
+from visiontune.data.images import DEFAULT_BACKGROUND, is_image_file, load_image, prepared_batches
 from visiontune.errors import ConfigError, DataError, VisiontuneError
 
-log = logging.getLogger(__name__)
 
 ONNX_RUNTIME_EXTRA = "pip install 'visiontune[export]'  (or just: pip install onnxruntime)"
 _PIL_FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
@@ -111,24 +109,9 @@ class OnnxClassifier:
         """``(paths, input batch)`` of readable images, decoded on threads; unreadable ones go to ``skipped``."""
         background = tuple(self.preprocessing.get("background", DEFAULT_BACKGROUND))
 
-        def prepare(path) -> np.ndarray | str:
-            try:
-                return self.prepare(load_image(path, background))
-            except BadImageError as error:
-                return error.reason
-
-        for start in range(0, len(paths), batch_size):
-            chunk = list(paths[start:start + batch_size])
-            good, arrays = [], []
-            for path, result in zip(chunk, map_in_threads(prepare, chunk)):
-                if isinstance(result, str):
-                    log.info("skipping unreadable image %s (%s)", path, result)
-                    skipped.append((str(path), result))
-                else:
-                    good.append(path)
-                    arrays.append(result)
-            if arrays:
-                yield good, np.stack(arrays)
+        for good, arrays in prepared_batches(lambda path: self.prepare(load_image(path, background)), paths,
+                                             batch_size, skipped):
+            yield good, np.stack(arrays)
 
     def predict(self, paths: Sequence[str | Path], top_k: int = 5, batch_size: int = 32,
                 tta: bool = False) -> tuple[list[Prediction], list[tuple[str, str]]]:
