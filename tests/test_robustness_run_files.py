@@ -22,7 +22,7 @@ from visiontune.cli import main
 from visiontune.errors import ConfigError
 from visiontune.run.files import run_file, run_subfolder
 from visiontune.run.folder import (CONFIG_FILE, EXPORT_FILES, LAST_CHECKPOINT, RUN_FILES, TENSORBOARD_DIR,
-                                   check_run_dir, check_run_folder, prepare_run_dir)
+                                   check_run_dir, check_run_folder, finished_run_files, prepare_run_dir)
 
 TINY = ["--model", "timm:test_resnet", "--weights", "none", "--image-size", "32", "--batch-size", "8", "--workers", "0",
         "--seed", "0", "--device", "cpu", "--quiet"]
@@ -86,7 +86,7 @@ def test_a_symlink_in_a_run_folder_is_never_written_through_or_read(finished_run
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", RUN_FILES)
+@pytest.mark.parametrize("name", finished_run_files("single"))
 def test_without_the_upfront_check_no_writer_follows_a_link_either(finished_run, tmp_path, monkeypatch, capsys, name):
     """The second line of defence, and the test that catches a new writer that opens its path
     directly: with check_run_folder bypassed, a resume writes every file of the run again."""

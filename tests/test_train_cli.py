@@ -10,7 +10,7 @@ import torch
 
 from conftest import make_image_folder
 from visiontune.cli import main
-from visiontune.run.folder import RUN_FILES
+from visiontune.run.folder import finished_run_files
 from visiontune.run.loaded import load_run
 
 TINY = ["--model", "timm:test_resnet", "--weights", "none", "--image-size", "32", "--batch-size", "8", "--workers", "0",
@@ -32,7 +32,7 @@ def finished_run(tmp_path_factory):
 @pytest.mark.slow
 def test_every_file_of_the_run_folder_is_there_and_sane(finished_run):
     data, run_dir = finished_run
-    for name in RUN_FILES:
+    for name in finished_run_files("single"):
         assert (run_dir / name).is_file() and (run_dir / name).stat().st_size > 0, name
     assert json.loads((run_dir / "classes.json").read_text()) == ["blue", "green", "red"]
     assert json.loads((run_dir / "preprocessing.json").read_text())["crop_size"] == 32

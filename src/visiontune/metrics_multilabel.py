@@ -16,9 +16,16 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torchmetrics.functional.classification import (multilabel_average_precision, multilabel_exact_match,
-                                                    multilabel_f1_score, multilabel_precision,
-                                                    multilabel_precision_recall_curve, multilabel_recall)
+
+
+
+def _torchmetrics():
+    """torchmetrics' classification functions. Imported at the first metric, not with this module:
+    importing torchmetrics imports matplotlib, which must come after run/plots.py has pointed
+    MPLCONFIGDIR into visiontune's cache (else a first run writes matplotlib's font cache to ~/.cache)."""
+    from torchmetrics.functional import classification
+    return classification
+
 
 DEFAULT_THRESHOLD = 0.5  # for a class whose validation images hold no positive, nothing to tune on
 
@@ -74,20 +81,22 @@ class MultilabelMetrics:
         support = targets.sum(dim=0)
         ap = average_precision_per_class(scores, targets)
         # Predictions are already 0/1 at the per-class thresholds: torchmetrics' 0.5 then keeps them.
+        tm = _torchmetrics()
+
         def at_thresholds(metric, average):
             return metric(predicted, targets, num_labels=n, average=average, zero_division=0)
 
-        precision, recall = at_thresholds(multilabel_precision, None), at_thresholds(multilabel_recall, None)
-        f1 = at_thresholds(multilabel_f1_score, None)
+        precision, recall = at_thresholds(tm.multilabel_precision, None), at_thresholds(tm.multilabel_recall, None)
+        f1 = at_thresholds(tm.multilabel_f1_score, None)
         present = [value for value in ap if value is not None]
         # As single-label macro F1: over the classes that occur in the targets or the predictions.
         occurring = (support > 0) | (predicted.sum(dim=0) > 0)
         return {
             "loss": float(losses.mean()),
-            "accuracy": float(multilabel_exact_match(predicted, targets, num_labels=n)),
+            "accuracy": float(tm.multilabel_exact_match(predicted, targets, num_labels=n)),
             "top5": None,
             "mAP": sum(present) / len(present) if present else 0.0,
-            "micro_f1": float(at_thresholds(multilabel_f1_score, "micro")),
+            "micro_f1": float(at_thresholds(tm.multilabel_f1_score, "micro")),
             "macro_f1": float(f1[occurring].mean()) if occurring.any() else 0.0,
             "per_class": {name: {"ap": ap[i], "precision": float(precision[i]), "recall": float(recall[i]),
                                  "f1": float(f1[i]), "threshold": thresholds[i], "support": int(support[i])}
@@ -103,8 +112,8 @@ def average_precision_per_class(scores: torch.Tensor, targets: torch.Tensor) -> 
     present = (targets.sum(dim=0) > 0).nonzero().flatten().tolist()
     values: list[float | None] = [None] * targets.shape[1]
     if present:
-        computed = multilabel_average_precision(scores[:, present], targets[:, present], num_labels=len(present),
-                                                average=None)
+        computed = _torchmetrics().multilabel_average_precision(scores[:, present], targets[:, present],
+                                                                num_labels=len(present), average=None)
         for index, value in zip(present, computed.reshape(-1).tolist()):
             values[index] = float(value)
     return values
@@ -119,8 +128,8 @@ def tune_thresholds(scores: torch.Tensor, targets: torch.Tensor) -> list[float]:
     present = (targets.sum(dim=0) > 0).nonzero().flatten().tolist()
     if not present or scores.shape[0] == 0:
         return thresholds
-    precision, recall, cuts = multilabel_precision_recall_curve(scores[:, present], targets[:, present],
-                                                                num_labels=len(present))
+    precision, recall, cuts = _torchmetrics().multilabel_precision_recall_curve(
+        scores[:, present], targets[:, present], num_labels=len(present))
     for index, p, r, t in zip(present, precision, recall, cuts):
         p, r = p[:-1].double(), r[:-1].double()  # the last point (recall 0) has no threshold
         f1 = torch.where(p + r > 0, 2 * p * r / (p + r).clamp(min=1e-12), torch.zeros_like(p))
@@ -136,6 +145,6 @@ def precision_recall_curves(scores: torch.Tensor, targets: torch.Tensor,
     present = (targets.sum(dim=0) > 0).nonzero().flatten().tolist()
     if not present:
         return {}
-    precision, recall, _ = multilabel_precision_recall_curve(scores[:, present], targets[:, present].long(),
-                                                             num_labels=len(present))
+    precision, recall, _ = _torchmetrics().multilabel_precision_recall_curve(
+        scores[:, present], targets[:, present].long(), num_labels=len(present))
     return {classes[index]: (r.tolist(), p.tolist()) for index, p, r in zip(present, precision, recall)}

@@ -68,6 +68,17 @@ TENSORBOARD_EVENTS = "events.out.tfevents.*"  # the only files visiontune's Summ
 RUN_FILES = (CONFIG_FILE, CLASSES_FILE, PREPROCESSING_FILE, METRICS_FILE, BEST_WEIGHTS, LAST_CHECKPOINT,
              REPORT_FILE, VAL_PREDICTIONS_FILE, CURVES_FILE, CONFUSION_FILE, REPORT_HTML, THRESHOLDS_FILE, AP_FILE,
              PR_CURVES_FILE)
+# What only one task writes: the rest of RUN_FILES is in every finished run.
+MULTILABEL_ONLY_FILES = (THRESHOLDS_FILE, AP_FILE, PR_CURVES_FILE)
+SINGLE_LABEL_ONLY_FILES = (CONFUSION_FILE,)
+
+
+def finished_run_files(task: str) -> tuple[str, ...]:
+    """The files a finished run of ``task`` (``single`` or ``multilabel``) has, of RUN_FILES."""
+    other_task = SINGLE_LABEL_ONLY_FILES if task == "multilabel" else MULTILABEL_ONLY_FILES
+    return tuple(name for name in RUN_FILES if name not in other_task)
+
+
 # `visiontune export` writes these into the run by default (visiontune.run.export.SUFFIXES); an
 # --overwrite removes them too, so no exported model of the old run survives beside the new one.
 EXPORT_FILES = ("model.onnx", "model.onnx.json", "model.onnx.data", "model.pt", "model.pt.json")
