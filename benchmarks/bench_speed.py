@@ -68,7 +68,7 @@ class Sizes:
     r18_steps: int
 
 
-DEFAULT = Sizes(per_class=100, image_size=96, probe_epochs=20, full_images=24, full_epochs=3, batch_size=32,
+DEFAULT = Sizes(per_class=100, image_size=96, probe_epochs=20, full_images=80, full_epochs=3, batch_size=32,
                 r18_steps=3)
 QUICK = Sizes(per_class=40, image_size=64, probe_epochs=20, full_images=10, full_epochs=3, batch_size=16, r18_steps=2)
 
