@@ -118,7 +118,7 @@ def test_policies_run_on_decoded_tensors_of_a_bicubic_model(augment: str):
     # rotations and shears refuse bicubic, which most timm weights (EfficientNet-Lite0's included) use.
     preprocessing = Preprocessing(crop_size=24, resize_size=28, interpolation="bicubic")
     train, _ = build_transforms(preprocessing, augment=augment)
-    decoded = torch.from_numpy(np.asarray(photo().resize((28, 28)))).permute(2, 0, 1).contiguous()
+    decoded = torch.from_numpy(np.array(photo().resize((28, 28)))).permute(2, 0, 1).contiguous()
     for seed in range(20):  # enough draws that some rotate or shear
         torch.manual_seed(seed)
         assert train(decoded).shape == (3, 24, 24)
